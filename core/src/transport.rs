@@ -1,0 +1,59 @@
+//! The [`Transport`] trait: how a connection method starts a child and hands its byte pipe
+//! to the broker.
+//!
+//! A transport only *starts* something (a process, a login dialogue) and returns a
+//! [`Connection`]. The bootstrap handshake that follows is the same for every method and
+//! lives in `mitogen-child`; routing and I/O afterwards belong to the [`crate::Broker`].
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::process::Child;
+use std::time::Instant;
+
+/// A started child: the pipe carrying messages, plus what must be watched and cleaned up.
+#[derive(Debug)]
+pub struct Connection {
+    /// Messages from the child are read here (non-blocking is set by the broker).
+    pub read: OwnedFd,
+    /// Messages to the child are written here; may be a dup of `read` for a socketpair.
+    pub write: OwnedFd,
+    /// Diagnostic output of the child (its stderr, or a PTY), logged line by line.
+    pub diag: Option<OwnedFd>,
+    /// The local process to reap when the stream ends (the child itself, or ssh/sudo).
+    pub process: Option<Child>,
+    /// A short description for errors and logs, e.g. the program path.
+    pub description: String,
+}
+
+/// Why a transport could not start its child.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The program could not be executed (e.g. ENOENT, EACCES).
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        /// What was being started.
+        program: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Some other OS-level failure while preparing the child (pipes, fds).
+    #[error("cannot prepare the child process: {0}")]
+    Io(#[from] std::io::Error),
+    /// The method is misconfigured (bad option values).
+    #[error("invalid options: {0}")]
+    Options(String),
+}
+
+/// A connection method: local subprocess, sudo, ssh, container exec...
+///
+/// Implementations are cheap descriptions of *how* to start a child. `start` may block (it
+/// runs on the connecting thread, never on the broker thread) but must respect `deadline`.
+pub trait Transport: fmt::Debug + Send {
+    /// Short method name used in context names: `local`, `sudo`, `ssh`.
+    fn method(&self) -> &'static str;
+
+    /// Starts the child agent and returns the pipe to it.
+    fn start(&mut self, deadline: Instant) -> Result<Connection, StartError>;
+}
