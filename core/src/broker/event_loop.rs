@@ -115,6 +115,10 @@ impl Loop {
     }
 
     fn run_commands(&mut self) {
+        let out = std::mem::take(&mut *self.h.shared.outbox.lock().unwrap());
+        for m in out {
+            self.h.send_internal(m);
+        }
         let cmds = std::mem::take(&mut self.h.shared.core.lock().unwrap().commands);
         for c in cmds {
             match c {
@@ -247,7 +251,7 @@ impl Loop {
         }
         let stream = r.stream;
         if !msgs.is_empty() {
-            if self.h.shared.cfg.debug {
+            if self.h.debug() {
                 for m in &msgs {
                     log::debug!("{}: received {m:?} on stream {stream}", self.h.shared.cfg.name);
                 }

@@ -24,7 +24,7 @@ use polling::{Event, Poller};
 use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
@@ -70,7 +70,8 @@ pub struct BrokerConfig {
     pub router: RouterConfig,
     /// How long children get to disconnect after being asked to shut down.
     pub shutdown_grace: Duration,
-    /// Log every routed message at debug level (`enable_debug`).
+    /// Log every routed message at debug level (`enable_debug`); can be switched on later
+    /// with [`BrokerHandle::set_debug`].
     pub debug: bool,
 }
 
@@ -133,8 +134,11 @@ pub(crate) struct Shared {
     pub(crate) cfg: BrokerConfig,
     pub(crate) core: Mutex<Core>,
     state: AtomicU8,
+    pub(crate) debug: AtomicBool,
     broker_thread: OnceLock<ThreadId>,
     exited: (Mutex<bool>, Condvar),
+    /// Messages handed over by code that may run under the core lock (loggers).
+    pub(crate) outbox: Mutex<Vec<Message>>,
     pub(crate) on_exit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
@@ -161,6 +165,7 @@ impl Broker {
     /// Starts a broker thread with `cfg`.
     pub fn start(cfg: BrokerConfig) -> Result<Broker, BrokerError> {
         let poller = Poller::new()?;
+        let debug = cfg.debug;
         let shared = Arc::new(Shared {
             poller,
             core: Mutex::new(Core {
@@ -172,8 +177,10 @@ impl Broker {
             }),
             cfg,
             state: AtomicU8::new(RUNNING),
+            debug: AtomicBool::new(debug),
             broker_thread: OnceLock::new(),
             exited: (Mutex::new(false), Condvar::new()),
+            outbox: Mutex::new(Vec::new()),
             on_exit: Mutex::new(None),
         });
         let handle = BrokerHandle { shared };
@@ -217,6 +224,16 @@ impl BrokerHandle {
         &self.shared.cfg
     }
 
+    /// Switches per-message debug logging on or off.
+    pub fn set_debug(&self, on: bool) {
+        self.shared.debug.store(on, Ordering::Relaxed);
+    }
+
+    /// True when per-message debug logging is on.
+    pub fn debug(&self) -> bool {
+        self.shared.debug.load(Ordering::Relaxed)
+    }
+
     /// True once shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.shared.state.load(Ordering::Acquire) != RUNNING
@@ -247,6 +264,16 @@ impl BrokerHandle {
         Ok(())
     }
 
+    /// Queues `msg` for the broker thread to route. Safe to call from anywhere, including a
+    /// `log` implementation invoked while the router lock is held; never blocks.
+    pub fn send_later(&self, msg: Message) {
+        if self.is_exited() {
+            return;
+        }
+        self.shared.outbox.lock().unwrap().push(msg);
+        let _ = self.shared.poller.notify();
+    }
+
     /// Like [`BrokerHandle::send`] but allowed during shutdown (internal control traffic).
     pub(crate) fn send_internal(&self, msg: Message) {
         self.route(|r, out| r.send(msg, out));
@@ -268,7 +295,7 @@ impl BrokerHandle {
         for r in resolved {
             match r {
                 Resolved::Transmit(tx, msg) => {
-                    if self.shared.cfg.debug {
+                    if self.debug() {
                         log::debug!("{}: transmit {msg:?} on stream {}", self.shared.cfg.name, tx.id);
                     }
                     if let Sent::Closed(msg) = tx.send(&self.shared.poller, msg, may_block) {
@@ -276,7 +303,7 @@ impl BrokerHandle {
                     }
                 }
                 Resolved::Deliver(sink, msg) => {
-                    if self.shared.cfg.debug {
+                    if self.debug() {
                         log::debug!("{}: deliver {msg:?}", self.shared.cfg.name);
                     }
                     match sink {

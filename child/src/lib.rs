@@ -1,0 +1,56 @@
+//! The agent runtime of mitogen-rs.
+//!
+//! A program that wants to be replicated calls [`run_if_child`] first thing in `main`. In
+//! the master this returns at once; in a process started as a child it becomes the agent:
+//! it reads its bootstrap from the parent, answers with a hello carrying the hash of its own
+//! image, captures its stdio into the log stream, runs calls one at a time on the main thread
+//! while its broker thread keeps routing, and exits promptly when its parent is gone.
+//!
+//! This crate also holds the connection procedure shared by the master and intermediaries
+//! ([`connect_via`], [`Method`], [`ConnectOptions`]), and the stock agent binary
+//! `mitogen-agent`, which registers only the [`builtins`].
+
+#![warn(missing_docs)]
+
+mod agent;
+pub mod build_id;
+pub mod builtins;
+mod connect;
+mod registry;
+
+pub use agent::AgentError;
+pub use connect::{connect_via, ConnectError, ConnectOptions, Method};
+pub use registry::Registry;
+
+use mitogen_core::{BrokerHandle, Context, ContextId};
+
+/// If this process was started as an agent, runs the agent with `registry` and never
+/// returns; otherwise returns immediately. Call it first thing in `main`.
+pub fn run_if_child(registry: Registry) {
+    if std::env::var_os(mitogen_transport_local::AGENT_ENV).is_none() {
+        return;
+    }
+    // Single-threaded here: nothing else reads the environment concurrently.
+    std::env::remove_var(mitogen_transport_local::AGENT_ENV);
+    let code = match agent::run(registry) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("mitogen agent: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Connects a new child directly from this context (the master, or an agent acting for
+/// itself). `name` is this context's own name for prefixing (`None` in the master).
+pub fn connect(
+    broker: &BrokerHandle,
+    method: &Method,
+    opts: &ConnectOptions,
+    id: ContextId,
+    name: Option<&str>,
+) -> Result<Context, ConnectError> {
+    let inherited = connect::Inherited { name: name.map(str::to_string), log_level: log::max_level() as usize as u8 };
+    connect::connect(broker, method, opts, id, &inherited)
+}

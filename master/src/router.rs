@@ -1,0 +1,160 @@
+//! The master's [`Router`]: owns the broker and creates contexts.
+
+use mitogen_child::{ConnectError, ConnectOptions, Method};
+use mitogen_core::broker::Sink;
+use mitogen_core::codec::decode_value;
+use mitogen_core::ids;
+use mitogen_core::logs::LogRecord;
+use mitogen_core::router::Policy;
+use mitogen_core::{Broker, BrokerConfig, BrokerError, BrokerHandle, Context, ContextId};
+use mitogen_transport_local::LocalOptions;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Settings of a master router.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RouterOptions {
+    /// Largest message any context of this tree sends or accepts (inherited by children).
+    pub max_message_size: u32,
+    /// Refuse to route between sibling subtrees (inherited by children).
+    pub unidirectional: bool,
+    /// Log every routed message at debug level, in every context.
+    pub debug: bool,
+    /// How long children get to disconnect when the router shuts down.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        let cfg = BrokerConfig::master();
+        RouterOptions {
+            max_message_size: cfg.router.max_message_size,
+            unidirectional: false,
+            debug: false,
+            shutdown_grace: cfg.shutdown_grace,
+        }
+    }
+}
+
+/// The entry point of the API in the master: owns the broker thread and creates contexts.
+///
+/// Dropping the router shuts the whole tree down (bounded), as does [`Router::shutdown`].
+#[derive(Debug)]
+pub struct Router {
+    broker: Broker,
+    next_id: AtomicU32,
+}
+
+impl Router {
+    /// A router with default options.
+    pub fn new() -> Result<Router, BrokerError> {
+        Router::with_options(RouterOptions::default())
+    }
+
+    /// A router with `opts`.
+    pub fn with_options(opts: RouterOptions) -> Result<Router, BrokerError> {
+        let mut cfg = BrokerConfig::master();
+        cfg.router.max_message_size = opts.max_message_size;
+        cfg.router.unidirectional = opts.unidirectional;
+        cfg.debug = opts.debug;
+        cfg.shutdown_grace = opts.shutdown_grace;
+        let broker = Broker::start(cfg)?;
+        let forward = Sink::Callback(Arc::new(|_: &BrokerHandle, m: mitogen_core::Message| {
+            if let Ok(rec) = decode_value::<LogRecord>(&m.data) {
+                rec.emit();
+            }
+        }));
+        broker.handle().set_handle(ids::FORWARD_LOG, forward, Policy::Any)?;
+        Ok(Router { broker, next_id: AtomicU32::new(1) })
+    }
+
+    /// The broker handle, for lower-level use.
+    pub fn broker(&self) -> &BrokerHandle {
+        self.broker.handle()
+    }
+
+    /// Turns on per-message debug logging here and in every context connected afterwards.
+    /// The records travel to this process's `log` facade under `mitogen::*` targets.
+    pub fn enable_debug(&self) {
+        self.broker.handle().set_debug(true);
+    }
+
+    fn alloc_id(&self) -> ContextId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Starts a local child context (a copy of this program by default).
+    pub fn local(&self, spec: Local) -> Result<Context, ConnectError> {
+        self.connect(Method::Local(spec.opts), &spec.common, spec.via.as_ref())
+    }
+
+    /// Starts a context with any method, directly or through `via`.
+    pub fn connect(&self, method: Method, opts: &ConnectOptions, via: Option<&Context>) -> Result<Context, ConnectError> {
+        let id = self.alloc_id();
+        match via {
+            None => mitogen_child::connect(self.broker.handle(), &method, opts, id, None),
+            Some(v) => mitogen_child::connect_via(v, &method, opts, id),
+        }
+    }
+
+    /// Shuts the tree down: children are asked to exit, given the grace period, then cut
+    /// off; every waiter wakes with an error. Later calls fail at once.
+    pub fn shutdown(&self) {
+        self.broker.shutdown();
+    }
+}
+
+/// Builder for a local context: which image, which options, and through which context.
+#[derive(Debug, Clone, Default)]
+pub struct Local {
+    opts: LocalOptions,
+    common: ConnectOptions,
+    via: Option<Context>,
+}
+
+impl Local {
+    /// A copy of the current executable, started directly by the master.
+    pub fn new() -> Local {
+        Local::default()
+    }
+
+    /// Runs `program` as the agent image instead of the current executable.
+    pub fn program(mut self, program: impl Into<std::path::PathBuf>) -> Local {
+        self.opts = self.opts.program(program);
+        self
+    }
+
+    /// Adds an environment variable for the agent.
+    pub fn env(mut self, key: impl Into<std::ffi::OsString>, value: impl Into<std::ffi::OsString>) -> Local {
+        self.opts = self.opts.env(key, value);
+        self
+    }
+
+    /// Has `ctx` start the child itself; the new context's name is prefixed with `ctx`'s.
+    pub fn via(mut self, ctx: &Context) -> Local {
+        self.via = Some(ctx.clone());
+        self
+    }
+
+    /// Bound on the whole connection (default 30 s).
+    pub fn connect_timeout(mut self, t: Duration) -> Local {
+        self.common.connect_timeout = t;
+        self
+    }
+
+    /// Names the context instead of `local.<pid>`.
+    pub fn name(mut self, name: impl Into<String>) -> Local {
+        self.common.name = Some(name.into());
+        self
+    }
+}
+
+/// Runs `f` with a fresh router and shuts the router down afterwards, also when `f` panics.
+pub fn run_with_router<T>(f: impl FnOnce(&Router) -> T) -> Result<T, BrokerError> {
+    let router = Router::new()?;
+    let out = f(&router);
+    router.shutdown();
+    Ok(out)
+}

@@ -1,0 +1,126 @@
+//! The local transport: starts the agent image as a subprocess of this one, connected over
+//! a socketpair (the child's stdin and stdout), with its stderr on a pipe for diagnostics.
+//!
+//! [`spawn`] is the one place in the workspace that starts processes (an invariant checked
+//! by clippy's `disallowed-methods`); the sudo, ssh and container transports use it too.
+
+#![warn(missing_docs)]
+
+use mitogen_core::transport::{Connection, StartError, Transport};
+use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+/// Environment variable that tells a program it was started as an agent. The agent
+/// runtime removes it at once, so the agent's own subprocesses do not inherit it.
+pub const AGENT_ENV: &str = "MITOGEN_AGENT";
+
+/// Options of the local method.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LocalOptions {
+    /// The agent image to run; `None` runs the current executable (self-replication).
+    pub program: Option<PathBuf>,
+    /// Extra environment variables for the agent.
+    pub env: Vec<(OsString, OsString)>,
+}
+
+impl LocalOptions {
+    /// Options that run the current executable.
+    pub fn new() -> LocalOptions {
+        LocalOptions::default()
+    }
+
+    /// Runs `program` as the agent instead of the current executable.
+    pub fn program(mut self, program: impl Into<PathBuf>) -> LocalOptions {
+        self.program = Some(program.into());
+        self
+    }
+
+    /// Adds an environment variable for the agent.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> LocalOptions {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The program that will run: the named one or the current executable.
+    pub fn resolved_program(&self) -> std::io::Result<PathBuf> {
+        match &self.program {
+            Some(p) => Ok(p.clone()),
+            None => std::env::current_exe(),
+        }
+    }
+}
+
+/// The local transport.
+#[derive(Debug, Clone)]
+pub struct LocalTransport {
+    opts: LocalOptions,
+    /// `argv[0]` the agent gets, so `ps` shows who started it.
+    arg0: String,
+}
+
+impl LocalTransport {
+    /// A transport for `opts`; `arg0` is what `ps` will show for the agent.
+    pub fn new(opts: LocalOptions, arg0: impl Into<String>) -> LocalTransport {
+        LocalTransport { opts, arg0: arg0.into() }
+    }
+}
+
+/// Makes a connected `AF_UNIX` stream socketpair with close-on-exec set on both ends.
+pub fn socketpair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid 2-element array for socketpair to fill.
+    let r = unsafe {
+        libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: socketpair returned two fresh descriptors that we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Starts `cmd`. Every process the library starts goes through here.
+pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+    #[allow(clippy::disallowed_methods)]
+    cmd.spawn()
+}
+
+impl Transport for LocalTransport {
+    fn method(&self) -> &'static str {
+        "local"
+    }
+
+    fn start(&mut self, _deadline: Instant) -> Result<Connection, StartError> {
+        let program = self.opts.resolved_program()?;
+        let (ours, theirs) = socketpair()?;
+        let mut cmd = Command::new(&program);
+        cmd.arg0(&self.arg0)
+            .env(AGENT_ENV, "1")
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::from(theirs.try_clone()?))
+            .stdout(Stdio::from(theirs))
+            .stderr(Stdio::piped());
+        let mut child = spawn(&mut cmd)
+            .map_err(|source| StartError::Spawn { program: program.display().to_string(), source })?;
+        let diag = child.stderr.take().map(OwnedFd::from);
+        Ok(Connection {
+            read: ours.try_clone()?,
+            write: ours,
+            diag,
+            process: Some(child),
+            description: program.display().to_string(),
+        })
+    }
+}
+
+/// Runs `cmd` to completion and collects its output (the built-in `run_command` uses it).
+pub fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    #[allow(clippy::disallowed_methods)]
+    cmd.output()
+}
