@@ -135,6 +135,7 @@ pub(crate) fn run(registry: Registry) -> Result<(), AgentError> {
         debug: boot.debug,
     })?;
     let h = broker.handle().clone();
+    let _ = crate::CURRENT.set(h.clone());
     // The broker thread ends the process once shutdown is complete, even if a user function
     // is still running on the main thread. `_exit` avoids stdio locks a hung thread holds.
     // SAFETY: _exit has no preconditions.

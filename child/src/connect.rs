@@ -169,10 +169,11 @@ pub(crate) fn connect(
     inherited: &Inherited,
 ) -> Result<Context, ConnectError> {
     let deadline = Instant::now() + opts.connect_timeout;
-    let expected = method.expected_build_id()?;
     let mut transport = method.transport(agent_arg0());
     let conn = transport.start(deadline)?;
     let mut pending = Pending { conn: Some(conn) };
+    // Hashed while the child starts up.
+    let expected = method.expected_build_id()?;
     let pid = pending.conn().process.as_ref().map_or(0, |c| c.id());
     let name = opts.name.clone().unwrap_or_else(|| {
         let own = format!("{}.{pid}", transport.method());

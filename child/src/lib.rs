@@ -23,6 +23,15 @@ pub use connect::{connect_via, ConnectError, ConnectOptions, Method};
 pub use registry::Registry;
 
 use mitogen_core::{BrokerHandle, Context, ContextId};
+use std::sync::OnceLock;
+
+static CURRENT: OnceLock<BrokerHandle> = OnceLock::new();
+
+/// In an agent: the broker of this context, so remote functions can make receivers, or
+/// talk to other contexts. `None` outside an agent.
+pub fn current_broker() -> Option<&'static BrokerHandle> {
+    CURRENT.get()
+}
 
 /// If this process was started as an agent, runs the agent with `registry` and never
 /// returns; otherwise returns immediately. Call it first thing in `main`.

@@ -138,6 +138,17 @@ impl CallError {
         }
     }
 
+    /// Maps a failed local send.
+    pub(crate) fn from_send(e: crate::broker::BrokerError) -> CallError {
+        match e {
+            crate::broker::BrokerError::TooLarge { max, .. } => CallError::Dead {
+                reason: DeadReason::TooLarge,
+                message: format!("message too large (max {max} bytes)"),
+            },
+            _ => CallError::Shutdown,
+        }
+    }
+
     /// The remote error, if this is one.
     pub fn remote(&self) -> Option<&RemoteError> {
         match self {

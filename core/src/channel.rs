@@ -157,7 +157,7 @@ impl<T> Receiver<T> {
         let queue = Queue::new();
         let handle = broker
             .alloc_handle(Sink::Queue(queue.clone()), persist, respondent)
-            .map_err(|_| CallError::Shutdown)?;
+            .map_err(CallError::from_send)?;
         Ok(Receiver { broker: broker.clone(), handle, queue, decode, done: false, one_shot: !persist })
     }
 
@@ -279,7 +279,7 @@ impl<T> Sender<T> {
         }
         let b = self.broker()?;
         let m = Message::dead(self.dst, self.handle, DeadReason::SenderClosed, "sender closed");
-        b.send(m).map_err(|_| CallError::Shutdown)
+        b.send(m).map_err(CallError::from_send)
     }
 }
 
@@ -292,7 +292,7 @@ impl<T: Serialize> Sender<T> {
         }
         let data = codec::encode_value(value)?;
         let b = self.broker()?;
-        b.send(Message::new(self.dst, self.handle, Kind::Value, data)).map_err(|_| CallError::Shutdown)
+        b.send(Message::new(self.dst, self.handle, Kind::Value, data)).map_err(CallError::from_send)
     }
 }
 

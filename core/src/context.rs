@@ -67,7 +67,7 @@ impl Context {
         let rx = Receiver::with_decoder(&self.broker, false, Some(self.id), call::decode_reply::<F::Output>)?;
         let mut m = Message::new(self.id, ids::CALL_FUNCTION, Kind::Value, payload);
         m.reply_to = rx.handle();
-        self.broker.send(m).map_err(|_| CallError::Shutdown)?;
+        self.broker.send(m).map_err(CallError::from_send)?;
         Ok(rx)
     }
 
@@ -76,12 +76,12 @@ impl Context {
     pub fn call_no_reply<F: RemoteFn>(&self, _f: F, args: F::Args) -> Result<(), CallError> {
         let payload = call::encode_request::<F>(&args)?;
         let m = Message::new(self.id, ids::CALL_FUNCTION, Kind::Value, payload);
-        self.broker.send(m).map_err(|_| CallError::Shutdown)
+        self.broker.send(m).map_err(CallError::from_send)
     }
 
     /// Sends a raw message to `handle` in this context.
     pub fn send(&self, handle: ids::Handle, kind: Kind, data: Vec<u8>) -> Result<(), CallError> {
-        self.broker.send(Message::new(self.id, handle, kind, data)).map_err(|_| CallError::Shutdown)
+        self.broker.send(Message::new(self.id, handle, kind, data)).map_err(CallError::from_send)
     }
 
     /// True while this context is reachable.
@@ -95,7 +95,7 @@ impl Context {
         let mut rx: Receiver<()> = Receiver::with_respondent(&self.broker, self.id)?;
         self.broker
             .send(Message::new(self.id, ids::SHUTDOWN, Kind::Value, Vec::new()))
-            .map_err(|_| CallError::Shutdown)?;
+            .map_err(CallError::from_send)?;
         match rx.get(Some(timeout)) {
             Err(CallError::Dead { reason: DeadReason::Disconnected | DeadReason::NoRoute, .. }) => Ok(()),
             Err(e) => Err(e),

@@ -33,7 +33,7 @@
 
 mod router;
 
-pub use mitogen_child::{builtins, run_if_child, ConnectError, ConnectOptions, Method, Registry};
+pub use mitogen_child::{builtins, current_broker, run_if_child, ConnectError, ConnectOptions, Method, Registry};
 pub use mitogen_core::{
     remote_fn, Bytes, CallError, Context, ContextId, DeadReason, Receiver, RemoteError, RemoteErrorKind,
     RemoteFn, Select, Sender,

@@ -38,6 +38,32 @@ impl Default for RouterOptions {
     }
 }
 
+impl RouterOptions {
+    /// Sets [`RouterOptions::max_message_size`].
+    pub fn max_message_size(mut self, bytes: u32) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Sets [`RouterOptions::unidirectional`].
+    pub fn unidirectional(mut self, on: bool) -> Self {
+        self.unidirectional = on;
+        self
+    }
+
+    /// Sets [`RouterOptions::debug`].
+    pub fn debug(mut self, on: bool) -> Self {
+        self.debug = on;
+        self
+    }
+
+    /// Sets [`RouterOptions::shutdown_grace`].
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+}
+
 /// The entry point of the API in the master: owns the broker thread and creates contexts.
 ///
 /// Dropping the router shuts the whole tree down (bounded), as does [`Router::shutdown`].

@@ -37,6 +37,14 @@ pub enum BrokerError {
     /// The broker is shutting down or has exited; nothing can be sent or registered.
     #[error("the broker has shut down")]
     Shutdown,
+    /// The message is larger than `max_message_size`; nothing was sent.
+    #[error("message too large ({len} bytes, max {max} bytes)")]
+    TooLarge {
+        /// Payload size.
+        len: usize,
+        /// The limit.
+        max: u32,
+    },
     /// An OS error while creating the broker or registering a stream.
     #[error("broker I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -257,9 +265,13 @@ impl BrokerHandle {
     }
 
     /// Routes `msg` from this context. Undeliverable messages produce dead replies, so this
-    /// only fails when the broker has shut down.
+    /// only fails when the broker has shut down or the message is over the size limit.
     pub fn send(&self, msg: Message) -> Result<(), BrokerError> {
         self.check_running()?;
+        let max = self.shared.cfg.router.max_message_size;
+        if msg.data.len() > max as usize {
+            return Err(BrokerError::TooLarge { len: msg.data.len(), max });
+        }
         self.route(|r, out| r.send(msg, out));
         Ok(())
     }

@@ -1,0 +1,204 @@
+//! Shared pieces of the test suite: the functions the test agent registers, process
+//! hygiene probes, and the deterministic routing simulator ([`sim`]).
+
+#![allow(clippy::disallowed_methods)]
+
+pub mod sim;
+
+use mitogen::{Bytes, Context, Receiver, Sender};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Deterministic pseudo-random block `index` of a stream identified by `seed`.
+pub fn block(seed: u64, index: u64, len: usize) -> Vec<u8> {
+    let mut x = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        // xorshift64*
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+mitogen::remote_fn! {
+    /// Adds two numbers.
+    pub fn add(a: i64, b: i64) -> i64 { a + b }
+}
+
+mitogen::remote_fn! {
+    /// Returns its argument.
+    pub fn echo(data: Bytes) -> Bytes { data }
+}
+
+mitogen::remote_fn! {
+    /// Fails with an io::Error of kind NotFound.
+    pub fn fail_io(path: String) -> Result<(), std::io::Error> {
+        std::fs::metadata(path).map(drop)
+    }
+}
+
+mitogen::remote_fn! {
+    /// Panics with `msg`.
+    pub fn panic_now(msg: String) -> () { panic!("{msg}") }
+}
+
+mitogen::remote_fn! {
+    /// Sleeps `ms` milliseconds.
+    pub fn sleep_ms(ms: u64) -> () { std::thread::sleep(Duration::from_millis(ms)) }
+}
+
+mitogen::remote_fn! {
+    /// Never returns.
+    pub fn hang() -> () { loop { std::thread::sleep(Duration::from_secs(3600)) } }
+}
+
+mitogen::remote_fn! {
+    /// Registered nowhere: calling it must give an unknown-function error.
+    pub fn not_registered() -> () {}
+}
+
+mitogen::remote_fn! {
+    /// Streams `n` deterministic blocks of `len` bytes to `out`.
+    pub fn produce(seed: u64, n: u64, len: u64, out: Sender<Bytes>) -> Result<(), mitogen::CallError> {
+        for i in 0..n {
+            out.send(&Bytes(block(seed, i, len as usize)))?;
+        }
+        out.close()
+    }
+}
+
+mitogen::remote_fn! {
+    /// Checks `data` byte for byte against block `index` of `seed`; returns the first
+    /// differing offset, or `None` if equal.
+    pub fn verify(seed: u64, index: u64, data: Bytes) -> Option<u64> {
+        let want = block(seed, index, data.len());
+        if want.len() != data.len() {
+            return Some(0);
+        }
+        want.iter().zip(data.iter()).position(|(a, b)| a != b).map(|p| p as u64)
+    }
+}
+
+mitogen::remote_fn! {
+    /// Logs at warn level and prints a line on stdout and one on stderr.
+    pub fn chatter(tag: String) -> () {
+        log::warn!("log record {tag}");
+        println!("stdout line {tag}");
+        eprintln!("stderr line {tag}");
+    }
+}
+
+static INBOX: Mutex<Option<Receiver<String>>> = Mutex::new(None);
+
+mitogen::remote_fn! {
+    /// Opens an inbox in this context and returns a sender for it.
+    pub fn open_inbox() -> Result<Sender<String>, mitogen::CallError> {
+        let b = mitogen::current_broker().ok_or(mitogen::CallError::Shutdown)?;
+        let rx = Receiver::new(b)?;
+        let tx = rx.sender();
+        *INBOX.lock().unwrap() = Some(rx);
+        Ok(tx)
+    }
+}
+
+mitogen::remote_fn! {
+    /// Waits for the next inbox message.
+    pub fn read_inbox(timeout_ms: u64) -> Result<String, mitogen::CallError> {
+        let mut g = INBOX.lock().unwrap();
+        let rx = g.as_mut().ok_or(mitogen::CallError::Closed)?;
+        rx.get(Some(Duration::from_millis(timeout_ms)))
+    }
+}
+
+mitogen::remote_fn! {
+    /// Sends `text` through `to` (which may lead to a sibling).
+    pub fn send_text(to: Sender<String>, text: String) -> Result<(), mitogen::CallError> {
+        to.send(&text)
+    }
+}
+
+mitogen::remote_fn! {
+    /// Tries to call `add` in context `id` from here; returns the error text, if any.
+    pub fn call_other(id: u32) -> Option<String> {
+        let b = mitogen::current_broker()?;
+        let ctx = Context::new(b.clone(), id, "other");
+        ctx.call_timeout(add, (1, 2), Duration::from_secs(10)).err().map(|e| e.to_string())
+    }
+}
+
+/// The registry of the test agent.
+pub fn registry() -> mitogen::Registry {
+    mitogen::Registry::new()
+        .add(add)
+        .add(echo)
+        .add(fail_io)
+        .add(panic_now)
+        .add(sleep_ms)
+        .add(hang)
+        .add(produce)
+        .add(verify)
+        .add(chatter)
+        .add(open_inbox)
+        .add(read_inbox)
+        .add(send_text)
+        .add(call_other)
+}
+
+/// Snapshot of this process's resources, for leak checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hygiene {
+    /// Open file descriptors.
+    pub fds: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Zombie children.
+    pub zombies: usize,
+}
+
+/// Counts open fds, threads and zombie children of this process.
+pub fn hygiene() -> Hygiene {
+    let count = |p: &str| std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0);
+    let me = std::process::id();
+    let zombies = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter_map(|pid| proc_stat(pid))
+        .filter(|(state, ppid)| *state == 'Z' && *ppid == me)
+        .count();
+    Hygiene { fds: count("/proc/self/fd"), threads: count("/proc/self/task"), zombies }
+}
+
+/// `(state, ppid)` of a process, or `None` if it does not exist.
+pub fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut it = rest.split_whitespace();
+    let state = it.next()?.chars().next()?;
+    let ppid = it.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// True if `pid` has exited (gone, or a zombie nobody reaped yet).
+pub fn is_gone(pid: u32) -> bool {
+    !matches!(proc_stat(pid), Some((s, _)) if s != 'Z')
+}
+
+/// Waits up to `limit` for `pid` to be gone; true if it is.
+pub fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        if is_gone(pid) {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -1,0 +1,42 @@
+use crate::local;
+use mitogen::Router;
+use mitogen_tests::*;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static RECORDS: Mutex<Vec<(log::Level, String, String)>> = Mutex::new(Vec::new());
+
+struct Capture;
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        RECORDS.lock().unwrap().push((r.level(), r.target().to_string(), r.args().to_string()));
+    }
+    fn flush(&self) {}
+}
+
+fn wait_for(pred: impl Fn(&(log::Level, String, String)) -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        if RECORDS.lock().unwrap().iter().any(&pred) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn child_logs_and_stdio_arrive_named_after_the_context() {
+    let _ = log::set_logger(&Capture);
+    log::set_max_level(log::LevelFilter::Info);
+    let r = Router::new().unwrap();
+    let c = local(&r);
+    c.call(chatter, ("t1".into(),)).unwrap();
+    let ctx_target = format!("mitogen::ctx::{}", c.name());
+    assert!(wait_for(|(l, t, m)| *l == log::Level::Warn && *t == ctx_target && m.ends_with("log record t1")));
+    assert!(wait_for(|(_, t, m)| *t == format!("{ctx_target}::stdout") && m == "stdout line t1"));
+    assert!(wait_for(|(_, t, m)| *t == format!("{ctx_target}::stderr") && m == "stderr line t1"));
+}

@@ -1,0 +1,34 @@
+//! Integration tests over real processes. One binary; the modules:
+//!
+//! - `calls`: typed calls, error and panic propagation, unknown functions, async, select
+//! - `faults`: killed children, SIGKILLed master, start failures, timeouts, limits, shutdown
+//! - `routing`: `via` chains, siblings, authority
+//! - `streams`: 256 MiB each way, byte for byte
+//! - `lifecycle`: create/shutdown cycles without leaks
+//! - `logs`: log records and stdio forwarded from children
+
+#![allow(clippy::disallowed_methods)]
+
+mod calls;
+mod faults;
+mod lifecycle;
+mod logs;
+mod routing;
+mod streams;
+
+use mitogen::{Context, Local, Router};
+
+/// The test agent binary (registers `mitogen_tests::registry()`).
+pub fn agent() -> &'static str {
+    env!("CARGO_BIN_EXE_mitogen-test-agent")
+}
+
+/// A local context running the test agent.
+pub fn local(r: &Router) -> Context {
+    r.local(Local::new().program(agent())).expect("local context")
+}
+
+/// A local context running the test agent, started by `via`.
+pub fn local_via(r: &Router, via: &Context) -> Context {
+    r.local(Local::new().program(agent()).via(via)).expect("local context via")
+}
