@@ -143,14 +143,26 @@ pub(crate) fn run(registry: Registry) -> Result<(), AgentError> {
 
     let calls = Queue::new();
     h.set_handle(ids::CALL_FUNCTION, Sink::Queue(calls.clone()), Policy::ParentOnly)?;
-    h.set_handle(ids::SHUTDOWN, Sink::Callback(std::sync::Arc::new(|b: &BrokerHandle, _m| b.begin_shutdown())), Policy::ParentOnly)?;
+    h.set_handle(
+        ids::SHUTDOWN,
+        Sink::Callback(std::sync::Arc::new(|b: &BrokerHandle, _m| b.begin_shutdown())),
+        Policy::ParentOnly,
+    )?;
     let inherited = Inherited { name: Some(boot.name.clone()), log_level: boot.log_level };
     h.set_handle(
         ids::CONNECT,
-        Sink::Callback(std::sync::Arc::new(move |b: &BrokerHandle, m| connect::serve_connect(b, m, inherited.clone()))),
+        Sink::Callback(std::sync::Arc::new(move |b: &BrokerHandle, m| {
+            connect::serve_connect(b, m, inherited.clone())
+        })),
         Policy::ParentOnly,
     )?;
-    let conn = Connection { read: stream_in, write: stream_out, diag: None, process: None, description: "parent".into() };
+    let conn = Connection {
+        read: stream_in,
+        write: stream_out,
+        diag: None,
+        process: None,
+        description: "parent".into(),
+    };
     h.add_stream(conn, parent_id, true, "parent")?;
 
     let level = level_filter(boot.log_level);
@@ -162,7 +174,12 @@ pub(crate) fn run(registry: Registry) -> Result<(), AgentError> {
             fd,
             Box::new(move |b, line| {
                 if let (Some(line), true) = (line, forward) {
-                    let rec = LogRecord { context: name.clone(), level: level_to_u8(log::Level::Info), target: target.into(), message: line.into() };
+                    let rec = LogRecord {
+                        context: name.clone(),
+                        level: level_to_u8(log::Level::Info),
+                        target: target.into(),
+                        message: line.into(),
+                    };
                     if let Ok(data) = encode_value(&rec) {
                         let _ = b.send(Message::new(MASTER_ID, ids::FORWARD_LOG, Kind::Value, data));
                     }

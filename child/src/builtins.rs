@@ -52,5 +52,5 @@ remote_fn! {
 }
 
 pub(crate) fn register(r: crate::Registry) -> crate::Registry {
-    r.add(getpid).add(run_command).add(read_file).add(write_file).add(environ)
+    r.register(getpid).register(run_command).register(read_file).register(write_file).register(environ)
 }

@@ -194,7 +194,12 @@ pub(crate) fn connect(
         debug: broker.debug(),
         unidirectional: cfg.router.unidirectional,
     };
-    let mut m = Message::new(id, ids::BOOTSTRAP, Kind::Value, encode_value(&boot).map_err(|e| ConnectError::Protocol(e.to_string()))?);
+    let mut m = Message::new(
+        id,
+        ids::BOOTSTRAP,
+        Kind::Value,
+        encode_value(&boot).map_err(|e| ConnectError::Protocol(e.to_string()))?,
+    );
     m.src = cfg.router.id;
     m.auth = cfg.router.id;
     let frame = m.to_frame();
@@ -325,7 +330,12 @@ fn poll_one(fd: &OwnedFd, until: Instant) -> bool {
 
 /// Reads the hello frame with exact-length reads (nothing beyond it is consumed), while
 /// collecting diagnostic output, until `deadline`.
-fn read_hello(p: &mut Pending, deadline: Instant, diag: &mut DiagLines, timeout: Duration) -> Result<Hello, ConnectError> {
+fn read_hello(
+    p: &mut Pending,
+    deadline: Instant,
+    diag: &mut DiagLines,
+    timeout: Duration,
+) -> Result<Hello, ConnectError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     let mut body: Vec<u8> = Vec::new();
@@ -392,7 +402,9 @@ fn read_hello(p: &mut Pending, deadline: Instant, diag: &mut DiagLines, timeout:
             let mut frame = header.to_vec();
             frame.extend_from_slice(&body);
             let mut out = Vec::new();
-            Decoder::new(1 << 20).feed(&frame, &mut out).map_err(|e| ConnectError::Protocol(e.to_string()))?;
+            Decoder::new(1 << 20)
+                .feed(&frame, &mut out)
+                .map_err(|e| ConnectError::Protocol(e.to_string()))?;
             let m = out.pop().ok_or_else(|| ConnectError::Protocol("no hello frame".into()))?;
             if m.handle != ids::HELLO || m.kind != Kind::Value {
                 return Err(ConnectError::Protocol(format!("expected hello, got {m:?}")));

@@ -60,6 +60,7 @@ pub fn connect(
     id: ContextId,
     name: Option<&str>,
 ) -> Result<Context, ConnectError> {
-    let inherited = connect::Inherited { name: name.map(str::to_string), log_level: log::max_level() as usize as u8 };
+    let inherited =
+        connect::Inherited { name: name.map(str::to_string), log_level: log::max_level() as usize as u8 };
     connect::connect(broker, method, opts, id, &inherited)
 }

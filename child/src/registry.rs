@@ -37,7 +37,7 @@ impl Registry {
     }
 
     /// Registers `F` under [`RemoteFn::NAME`].
-    pub fn add<F: RemoteFn>(mut self, _f: F) -> Registry {
+    pub fn register<F: RemoteFn>(mut self, _f: F) -> Registry {
         let entry: Entry = Box::new(|b, args| {
             let args: F::Args = decode_with(b, args).map_err(|e| RemoteError {
                 kind: RemoteErrorKind::BadArguments,

@@ -314,7 +314,8 @@ impl<'de, T> Deserialize<'de> for Sender<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let (dst, handle) = <(ContextId, Handle)>::deserialize(d)?;
         let broker = DECODE_BROKER.with(|b| b.borrow().clone());
-        let broker = broker.ok_or_else(|| D::Error::custom("a Sender can only be decoded by a mitogen broker"))?;
+        let broker =
+            broker.ok_or_else(|| D::Error::custom("a Sender can only be decoded by a mitogen broker"))?;
         Ok(Sender::new(broker, dst, handle))
     }
 }
@@ -346,7 +347,10 @@ impl<T> fmt::Debug for Select<T> {
 
 impl<T> Default for Select<T> {
     fn default() -> Self {
-        Select { shared: Arc::new(SelectShared { ready: Mutex::new(VecDeque::new()), cond: Condvar::new() }), receivers: Vec::new() }
+        Select {
+            shared: Arc::new(SelectShared { ready: Mutex::new(VecDeque::new()), cond: Condvar::new() }),
+            receivers: Vec::new(),
+        }
     }
 }
 
@@ -400,7 +404,10 @@ impl<T> Select<T> {
                         Some(d) => {
                             let now = Instant::now();
                             if now >= d {
-                                return Some((usize::MAX, Err(CallError::Timeout(timeout.unwrap_or_default()))));
+                                return Some((
+                                    usize::MAX,
+                                    Err(CallError::Timeout(timeout.unwrap_or_default())),
+                                ));
                             }
                             ready = self.shared.cond.wait_timeout(ready, d - now).unwrap().0;
                         }

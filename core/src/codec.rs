@@ -66,10 +66,7 @@ pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecEr
 }
 
 /// Appends the bincode encoding of `value` to `out`.
-pub fn encode_value_into<T: Serialize + ?Sized>(
-    value: &T,
-    out: &mut Vec<u8>,
-) -> Result<(), CodecError> {
+pub fn encode_value_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
     bincode::serde::encode_into_std_write(value, out, config())
         .map(drop)
         .map_err(|e| CodecError::Encode(e.to_string()))
@@ -83,10 +80,8 @@ pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), Co
             detail: "input larger than the decode limit".into(),
         });
     }
-    bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode {
-        type_name: std::any::type_name::<T>(),
-        detail: e.to_string(),
-    })
+    bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| CodecError::Decode { type_name: std::any::type_name::<T>(), detail: e.to_string() })
 }
 
 /// Decodes exactly one `T` from `bytes`; trailing bytes are an error.

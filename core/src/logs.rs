@@ -37,15 +37,12 @@ impl LogRecord {
     pub fn emit(&self) {
         let level = level_from_u8(self.level);
         let (target, text) = match self.target.as_str() {
-            "stdout" | "stderr" => (format!("mitogen::ctx::{}::{}", self.context, self.target), self.message.clone()),
+            "stdout" | "stderr" => {
+                (format!("mitogen::ctx::{}::{}", self.context, self.target), self.message.clone())
+            }
             t => (format!("mitogen::ctx::{}", self.context), format!("{t}: {}", self.message)),
         };
-        log::logger().log(
-            &log::Record::builder()
-                .level(level)
-                .target(&target)
-                .args(format_args!("{text}"))
-                .build(),
-        );
+        log::logger()
+            .log(&log::Record::builder().level(level).target(&target).args(format_args!("{text}")).build());
     }
 }

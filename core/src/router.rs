@@ -151,8 +151,7 @@ impl<S: Clone> Router<S> {
 
     /// Ids of all child streams.
     pub fn child_streams(&self) -> Vec<StreamId> {
-        let mut v: Vec<_> =
-            self.streams.iter().filter(|(_, s)| !s.is_parent).map(|(id, _)| *id).collect();
+        let mut v: Vec<_> = self.streams.iter().filter(|(_, s)| !s.is_parent).map(|(id, _)| *id).collect();
         v.sort_unstable();
         v
     }
@@ -233,12 +232,8 @@ impl<S: Clone> Router<S> {
 
     /// Wakes every handle waiting on `id`, tells interested streams, reports it.
     fn lost(&mut self, id: ContextId, via: Option<StreamId>, out: &mut Vec<Action<S>>) {
-        let mut waiting: Vec<Handle> = self
-            .handles
-            .iter()
-            .filter(|(_, e)| e.respondent == Some(id))
-            .map(|(h, _)| *h)
-            .collect();
+        let mut waiting: Vec<Handle> =
+            self.handles.iter().filter(|(_, e)| e.respondent == Some(id)).map(|(h, _)| *h).collect();
         waiting.sort_unstable();
         for h in waiting {
             let text = format!("the respondent context {id} has disconnected");
@@ -396,9 +391,8 @@ impl<S: Clone> Router<S> {
         let is_parent = self.streams[&stream].is_parent;
         match (msg.handle, is_parent) {
             (ids::ADD_ROUTE, false) => {
-                let taken = id == self.cfg.id
-                    || self.cfg.parent_ids.contains(&id)
-                    || self.routes.contains_key(&id);
+                let taken =
+                    id == self.cfg.id || self.cfg.parent_ids.contains(&id) || self.routes.contains_key(&id);
                 if taken {
                     log::warn!("router {}: refusing ADD_ROUTE({id}) from {stream}", self.cfg.id);
                     return;

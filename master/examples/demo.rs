@@ -34,7 +34,9 @@ mitogen::remote_fn! {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    mitogen::run_if_child(mitogen::Registry::new().add(whoami).add(add).add(produce).add(fail));
+    mitogen::run_if_child(
+        mitogen::Registry::new().register(whoami).register(add).register(produce).register(fail),
+    );
 
     let t0 = Instant::now();
     let router = Router::new()?;

@@ -15,7 +15,7 @@
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     // In a child this never returns: the process becomes the agent.
-//!     mitogen::run_if_child(mitogen::Registry::new().add(hostname_len));
+//!     mitogen::run_if_child(mitogen::Registry::new().register(hostname_len));
 //!
 //!     let router = mitogen::Router::new()?;
 //!     let child = router.local(mitogen::Local::new())?;
@@ -33,7 +33,9 @@
 
 mod router;
 
-pub use mitogen_child::{builtins, current_broker, run_if_child, ConnectError, ConnectOptions, Method, Registry};
+pub use mitogen_child::{
+    builtins, current_broker, run_if_child, ConnectError, ConnectOptions, Method, Registry,
+};
 pub use mitogen_core::{
     remote_fn, Bytes, CallError, Context, ContextId, DeadReason, Receiver, RemoteError, RemoteErrorKind,
     RemoteFn, Select, Sender,

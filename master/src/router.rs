@@ -117,7 +117,12 @@ impl Router {
     }
 
     /// Starts a context with any method, directly or through `via`.
-    pub fn connect(&self, method: Method, opts: &ConnectOptions, via: Option<&Context>) -> Result<Context, ConnectError> {
+    pub fn connect(
+        &self,
+        method: Method,
+        opts: &ConnectOptions,
+        via: Option<&Context>,
+    ) -> Result<Context, ConnectError> {
         let id = self.alloc_id();
         match via {
             None => mitogen_child::connect(self.broker.handle(), &method, opts, id, None),

@@ -133,19 +133,19 @@ mitogen::remote_fn! {
 /// The registry of the test agent.
 pub fn registry() -> mitogen::Registry {
     mitogen::Registry::new()
-        .add(add)
-        .add(echo)
-        .add(fail_io)
-        .add(panic_now)
-        .add(sleep_ms)
-        .add(hang)
-        .add(produce)
-        .add(verify)
-        .add(chatter)
-        .add(open_inbox)
-        .add(read_inbox)
-        .add(send_text)
-        .add(call_other)
+        .register(add)
+        .register(echo)
+        .register(fail_io)
+        .register(panic_now)
+        .register(sleep_ms)
+        .register(hang)
+        .register(produce)
+        .register(verify)
+        .register(chatter)
+        .register(open_inbox)
+        .register(read_inbox)
+        .register(send_text)
+        .register(call_other)
 }
 
 /// Snapshot of this process's resources, for leak checks.
@@ -168,7 +168,7 @@ pub fn hygiene() -> Hygiene {
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter_map(|pid| proc_stat(pid))
+        .filter_map(proc_stat)
         .filter(|(state, ppid)| *state == 'Z' && *ppid == me)
         .count();
     Hygiene { fds: count("/proc/self/fd"), threads: count("/proc/self/task"), zombies }

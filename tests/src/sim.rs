@@ -94,7 +94,10 @@ impl Sim {
                 max_message_size: 1 << 20,
                 unidirectional: false,
             });
-            r.set_handle(INBOX, HandleEntry { sink: TAG_INBOX, policy: Policy::Any, persist: true, respondent: None });
+            r.set_handle(
+                INBOX,
+                HandleEntry { sink: TAG_INBOX, policy: Policy::Any, persist: true, respondent: None },
+            );
             routers.push(r);
         }
         let mut sim = Sim {
@@ -218,7 +221,14 @@ impl Sim {
     /// Injects on the link from `from` to `to` a frame claiming to come from `src`.
     pub fn spoof(&mut self, from: usize, to: usize, src: ContextId, dst: ContextId) -> u64 {
         let uid = self.sent.len() as u64;
-        self.sent.push(Sent { from, to: dst, seq: 0, into_cut_subtree: false, sender_cut_off: false, spoofed: true });
+        self.sent.push(Sent {
+            from,
+            to: dst,
+            seq: 0,
+            into_cut_subtree: false,
+            sender_cut_off: false,
+            spoofed: true,
+        });
         let mut m = Message::new(dst, INBOX, Kind::Raw, uid.to_be_bytes().to_vec());
         m.src = src;
         m.auth = src;

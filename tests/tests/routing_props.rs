@@ -7,9 +7,7 @@ use proptest::prelude::*;
 
 /// A random tree: `parents[i-1]` is the parent of node i, always a smaller index.
 fn tree() -> impl Strategy<Value = Vec<usize>> {
-    (1usize..12).prop_flat_map(|n| {
-        (1..=n).map(|i| (0..i).boxed()).collect::<Vec<_>>()
-    })
+    (1usize..12).prop_flat_map(|n| (1..=n).map(|i| (0..i).boxed()).collect::<Vec<_>>())
 }
 
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@ use crate::codec::Decoder;
 use crate::ids;
 use crate::message::{Kind, Message};
 use crate::router::StreamId;
-use polling::{Event, Events};
+use polling::{Event, Events, PollMode};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
@@ -174,8 +174,12 @@ impl Loop {
             self.add_lines(diag_key(k), fd, sink);
         }
         let Some(tx) = tx else { return };
+        // Level-triggered: no re-arming syscall after each read.
         // SAFETY: deleted in `lose` before the fd is dropped.
-        if let Err(e) = unsafe { self.h.shared.poller.add(&read, Event::readable(read_key(k))) } {
+        let added = unsafe {
+            self.h.shared.poller.add_with_mode(&read, Event::readable(read_key(k)), PollMode::Level)
+        };
+        if let Err(e) = added {
             log::error!("{}: cannot poll stream {stream}: {e}", self.name());
             return;
         }
@@ -185,7 +189,7 @@ impl Loop {
 
     fn add_lines(&mut self, key: usize, fd: OwnedFd, sink: LineSink) {
         // SAFETY: deleted before the fd is dropped (in `on_lines`).
-        if unsafe { self.h.shared.poller.add(&fd, Event::readable(key)) }.is_ok() {
+        if unsafe { self.h.shared.poller.add_with_mode(&fd, Event::readable(key), PollMode::Level) }.is_ok() {
             self.lines.insert(key, Lines { fd, partial: Vec::new(), sink });
         }
     }
@@ -231,7 +235,11 @@ impl Loop {
                         match m {
                             Ok(m) => msgs.push(m),
                             Err(e) => {
-                                log::error!("{}: stream to {}: {e}; dropping it", self.h.shared.cfg.name, r.name);
+                                log::error!(
+                                    "{}: stream to {}: {e}; dropping it",
+                                    self.h.shared.cfg.name,
+                                    r.name
+                                );
                                 lost = Some(e.to_string());
                                 break;
                             }
@@ -266,13 +274,8 @@ impl Loop {
             };
             self.h.execute(resolved);
         }
-        match lost {
-            Some(why) => self.lose(k, &why),
-            None => {
-                if let Some(r) = self.readers.get(&k) {
-                    let _ = self.h.shared.poller.modify(&r.read, Event::readable(read_key(k)));
-                }
-            }
+        if let Some(why) = lost {
+            self.lose(k, &why);
         }
     }
 
@@ -310,8 +313,6 @@ impl Loop {
             let _ = self.h.shared.poller.delete(&l.fd);
             let mut sink = l.sink;
             sink(&self.h, None);
-        } else {
-            let _ = self.h.shared.poller.modify(&l.fd, Event::readable(key));
         }
     }
 
@@ -427,8 +428,7 @@ impl Loop {
     /// Final steps: cut off remaining children, flush the parent stream, wake every waiter,
     /// reap every child process, then run the exit hook.
     fn finish(mut self) {
-        let keys: Vec<usize> =
-            self.readers.iter().filter(|(_, r)| !r.is_parent).map(|(k, _)| *k).collect();
+        let keys: Vec<usize> = self.readers.iter().filter(|(_, r)| !r.is_parent).map(|(k, _)| *k).collect();
         for k in keys {
             self.lose(k, "broker shutdown");
         }

@@ -50,6 +50,9 @@ pub enum BrokerError {
     Io(#[from] std::io::Error),
 }
 
+/// A message callback registered with [`Sink::Callback`].
+pub type Callback = Arc<dyn Fn(&BrokerHandle, Message) + Send + Sync>;
+
 /// Where a handle's messages go.
 #[derive(Clone)]
 pub enum Sink {
@@ -57,7 +60,7 @@ pub enum Sink {
     Queue(Arc<Queue>),
     /// A callback run on the thread that routed the message (usually the broker thread),
     /// without any broker lock held. It must not block.
-    Callback(Arc<dyn Fn(&BrokerHandle, Message) + Send + Sync>),
+    Callback(Callback),
 }
 
 impl fmt::Debug for Sink {
@@ -193,9 +196,8 @@ impl Broker {
         });
         let handle = BrokerHandle { shared };
         let h2 = handle.clone();
-        let thread = std::thread::Builder::new()
-            .name("mitogen-broker".into())
-            .spawn(move || event_loop::run(h2))?;
+        let thread =
+            std::thread::Builder::new().name("mitogen-broker".into()).spawn(move || event_loop::run(h2))?;
         Ok(Broker { handle, thread: Mutex::new(Some(thread)) })
     }
 

@@ -31,8 +31,7 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 
 /// `writev(2)` of `bufs` (at most 64 are used).
 pub fn writev(fd: BorrowedFd<'_>, bufs: &[&[u8]]) -> io::Result<usize> {
-    let mut iov: [libc::iovec; 64] =
-        [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 64];
+    let mut iov: [libc::iovec; 64] = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 64];
     let n = bufs.len().min(64);
     for (slot, b) in iov.iter_mut().zip(bufs) {
         slot.iov_base = b.as_ptr() as *mut _;

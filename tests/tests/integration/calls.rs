@@ -55,7 +55,9 @@ fn stock_agent_runs_builtins() {
     let r = Router::new().unwrap();
     let stock = env!("CARGO_BIN_EXE_mitogen-test-agent").replace("mitogen-test-agent", "mitogen-agent");
     let c = r.local(mitogen::Local::new().program(&stock)).unwrap();
-    let out = c.call(mitogen::builtins::run_command, (vec!["sh".into(), "-c".into(), "echo hi; exit 3".into()],)).unwrap();
+    let out = c
+        .call(mitogen::builtins::run_command, (vec!["sh".into(), "-c".into(), "echo hi; exit 3".into()],))
+        .unwrap();
     assert_eq!(out.code, Some(3));
     assert_eq!(out.stdout.0, b"hi\n");
     // The stock agent does not know the test functions.

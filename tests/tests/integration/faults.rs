@@ -34,11 +34,8 @@ fn killed_child_fails_pending_call_and_later_calls_say_no_route() {
 
 #[test]
 fn sigkill_master_takes_children_and_grandchildren_down() {
-    let mut master = std::process::Command::new(agent())
-        .arg("tree")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut master =
+        std::process::Command::new(agent()).arg("tree").stdout(std::process::Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(master.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let pids: Vec<u32> = line.split_whitespace().skip(1).map(|p| p.parse().unwrap()).collect();

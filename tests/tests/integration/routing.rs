@@ -12,7 +12,8 @@ fn two_hop_via_chain_names_and_calls() {
     assert!(b.name().starts_with(&format!("{}.local.", a.name())), "{}", b.name());
     assert!(c.name().starts_with(&format!("{}.local.", b.name())), "{}", c.name());
     assert_eq!(c.call(add, (20, 22)).unwrap(), 42);
-    let pids: Vec<u32> = [&a, &b, &c].iter().map(|x| x.call(mitogen::builtins::getpid, ()).unwrap()).collect();
+    let pids: Vec<u32> =
+        [&a, &b, &c].iter().map(|x| x.call(mitogen::builtins::getpid, ()).unwrap()).collect();
     assert_eq!(pids.len(), 3);
     assert!(pids[0] != pids[1] && pids[1] != pids[2]);
     // Shutting down the intermediary takes the subtree down.

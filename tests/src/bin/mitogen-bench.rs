@@ -1,0 +1,302 @@
+#![allow(clippy::disallowed_methods)]
+//! Benchmark workloads, one per invocation: `mitogen-bench WORKLOAD`. Prints lines of the
+//! form `RESULT <workload> <metric> <value> <unit>`; `cargo xtask bench` runs every workload
+//! in fresh processes, repeats them and prints the table. The program is its own agent.
+
+use mitogen::{Bytes, Local, Receiver, Router, Sender};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+mitogen::remote_fn! {
+    /// Returns its argument.
+    pub fn echo(x: u64) -> u64 { x }
+}
+
+mitogen::remote_fn! {
+    /// Consumes a block and returns its length.
+    pub fn sink(data: Bytes) -> u64 { data.len() as u64 }
+}
+
+mitogen::remote_fn! {
+    /// Sends `n` blocks of `len` random bytes through `out`.
+    pub fn source(n: u64, len: u64, out: Sender<Bytes>) -> Result<(), mitogen::CallError> {
+        let block = Bytes(random(len as usize, n));
+        for _ in 0..n {
+            out.send(&block)?;
+        }
+        out.close()
+    }
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+fn report(w: &str, metric: &str, value: f64, unit: &str) {
+    println!("RESULT {w} {metric} {value:.3} {unit}");
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+const MIB: usize = 1 << 20;
+const BLOCKS: u64 = 256;
+
+fn main() -> anyhow::Result<()> {
+    mitogen::run_if_child(mitogen::Registry::new().register(echo).register(sink).register(source));
+    // Helper modes for the floors.
+    if std::env::var_os("MITOGEN_BENCH_EXIT").is_some() {
+        return Ok(());
+    }
+    if std::env::var_os("MITOGEN_BENCH_PONG").is_some() {
+        return pong();
+    }
+    if std::env::var_os("MITOGEN_BENCH_WRITER").is_some() {
+        return writer();
+    }
+    let w = std::env::args().nth(1).unwrap_or_default();
+    match w.as_str() {
+        "floor-pingpong" => floor_pingpong(),
+        "floor-write" => floor_write(),
+        "floor-spawn" => floor_spawn(),
+        "lifecycle" => lifecycle(),
+        "roundtrip" => roundtrip(false),
+        "roundtrip-via" => roundtrip(true),
+        "stream-c2p" => stream_c2p(),
+        "args-p2c" => args_p2c(),
+        "fanout-50" => fanout(50),
+        "fanout-200" => fanout(200),
+        _ => anyhow::bail!("unknown workload {w:?}"),
+    }
+}
+
+fn helper(env: &str, sock: UnixStream) -> anyhow::Result<std::process::Child> {
+    let exe = std::env::current_exe()?;
+    let fd = std::os::fd::OwnedFd::from(sock);
+    #[allow(clippy::disallowed_methods)]
+    let child = std::process::Command::new(exe)
+        .env(env, "1")
+        .stdin(std::process::Stdio::from(fd.try_clone()?))
+        .stdout(std::process::Stdio::from(fd))
+        .spawn()?;
+    Ok(child)
+}
+
+fn pong() -> anyhow::Result<()> {
+    let mut i = std::io::stdin().lock();
+    let mut o = std::io::stdout().lock();
+    let mut b = [0u8; 1];
+    while i.read(&mut b)? == 1 {
+        o.write_all(&b)?;
+        o.flush()?;
+    }
+    Ok(())
+}
+
+fn writer() -> anyhow::Result<()> {
+    let mut o = std::io::stdout().lock();
+    let block = random(MIB, 3);
+    for _ in 0..BLOCKS {
+        o.write_all(&block)?;
+    }
+    Ok(())
+}
+
+/// The floor for round trips: a 1-byte ping-pong between two processes.
+fn floor_pingpong() -> anyhow::Result<()> {
+    let (mut a, b) = UnixStream::pair()?;
+    let mut child = helper("MITOGEN_BENCH_PONG", b)?;
+    let mut buf = [0u8; 1];
+    let mut samples = Vec::new();
+    for i in 0..5200 {
+        let t = Instant::now();
+        a.write_all(&[1])?;
+        a.read_exact(&mut buf)?;
+        if i >= 200 {
+            samples.push(micros(t.elapsed()));
+        }
+    }
+    drop(a);
+    child.wait()?;
+    samples.sort_by(f64::total_cmp);
+    report("floor-pingpong", "median", pct(&samples, 0.5), "us");
+    report("floor-pingpong", "p99", pct(&samples, 0.99), "us");
+    Ok(())
+}
+
+/// The floor for throughput: 256 x 1 MiB raw writes from a child process.
+fn floor_write() -> anyhow::Result<()> {
+    let (mut a, b) = UnixStream::pair()?;
+    let t = Instant::now();
+    let mut child = helper("MITOGEN_BENCH_WRITER", b)?;
+    let mut buf = vec![0u8; MIB];
+    let mut total = 0;
+    loop {
+        let n = a.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    child.wait()?;
+    anyhow::ensure!(total == BLOCKS as usize * MIB, "short read {total}");
+    report("floor-write", "throughput", (total / MIB) as f64 / secs, "MiB/s");
+    Ok(())
+}
+
+/// The floor for lifecycle: spawn + exit + wait of this binary.
+fn floor_spawn() -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        #[allow(clippy::disallowed_methods)]
+        std::process::Command::new(&exe).env("MITOGEN_BENCH_EXIT", "1").status()?;
+        samples.push(micros(t.elapsed()) / 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    report("floor-spawn", "median", pct(&samples, 0.5), "ms");
+    Ok(())
+}
+
+fn lifecycle() -> anyhow::Result<()> {
+    let r = Router::new()?;
+    // The master hashes its own image once; that is not per-context work.
+    mitogen_child::build_id::current()?;
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let c = r.local(Local::new())?;
+        c.call(echo, (1,))?;
+        c.shutdown(Duration::from_secs(10))?;
+        samples.push(micros(t.elapsed()) / 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    report("lifecycle", "median", pct(&samples, 0.5), "ms");
+    Ok(())
+}
+
+fn roundtrip(via: bool) -> anyhow::Result<()> {
+    let r = Router::new()?;
+    let first = r.local(Local::new())?;
+    let c = if via { r.local(Local::new().via(&first))? } else { first.clone() };
+    let mut samples = Vec::new();
+    for i in 0..5200u64 {
+        let t = Instant::now();
+        let v = c.call(echo, (i,))?;
+        if i >= 200 {
+            samples.push(micros(t.elapsed()));
+        }
+        anyhow::ensure!(v == i);
+    }
+    samples.sort_by(f64::total_cmp);
+    let w = if via { "roundtrip-via" } else { "roundtrip" };
+    report(w, "median", pct(&samples, 0.5), "us");
+    report(w, "p99", pct(&samples, 0.99), "us");
+    Ok(())
+}
+
+fn stream_c2p() -> anyhow::Result<()> {
+    let r = Router::new()?;
+    let c = r.local(Local::new())?;
+    c.call(echo, (0,))?;
+    let rx = Receiver::<Bytes>::new(r.broker())?;
+    let t = Instant::now();
+    let mut pending = c.call_async(source, (BLOCKS, MIB as u64, rx.sender()))?;
+    let mut total = 0;
+    for b in rx {
+        total += b?.len();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    pending.get(None)?;
+    anyhow::ensure!(total == BLOCKS as usize * MIB);
+    report("stream-c2p", "throughput", (total / MIB) as f64 / secs, "MiB/s");
+    Ok(())
+}
+
+fn args_p2c() -> anyhow::Result<()> {
+    let r = Router::new()?;
+    let c = r.local(Local::new())?;
+    c.call(echo, (0,))?;
+    let block = random(MIB, 5);
+    let t = Instant::now();
+    let mut window = std::collections::VecDeque::new();
+    let mut total = 0;
+    for _ in 0..BLOCKS {
+        window.push_back(c.call_async(sink, (Bytes(block.clone()),))?);
+        if window.len() == 4 {
+            total += window.pop_front().unwrap().get(None)?;
+        }
+    }
+    for mut rx in window {
+        total += rx.get(None)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(total == BLOCKS * MIB as u64);
+    report("args-p2c", "throughput", (BLOCKS as f64) / secs, "MiB/s");
+    Ok(())
+}
+
+fn status_kib(pid: &str, key: &str) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn uss_kib(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    s.lines()
+        .filter(|l| l.starts_with("Private_Clean") || l.starts_with("Private_Dirty"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum()
+}
+
+fn fanout(n: usize) -> anyhow::Result<()> {
+    let r = Router::new()?;
+    mitogen_child::build_id::current()?;
+    let t = Instant::now();
+    let mut ctxs = Vec::with_capacity(n);
+    for _ in 0..n {
+        ctxs.push(r.local(Local::new())?);
+    }
+    let start = t.elapsed();
+    let t = Instant::now();
+    let mut sel = mitogen::Select::new();
+    for c in &ctxs {
+        sel.add(c.call_async(mitogen::builtins::getpid, ())?);
+    }
+    let mut pids = Vec::new();
+    while let Some((_, pid)) = sel.get(None) {
+        pids.push(pid?);
+    }
+    let call_all = t.elapsed();
+    anyhow::ensure!(pids.len() == n);
+    let rss: f64 = pids.iter().map(|p| status_kib(&p.to_string(), "VmRSS")).sum::<f64>() / n as f64;
+    let uss: f64 = pids.iter().map(|p| uss_kib(*p)).sum::<f64>() / n as f64;
+    let w = format!("fanout-{n}");
+    report(&w, "start-all", micros(start) / 1000.0, "ms");
+    report(&w, "call-all", micros(call_all) / 1000.0, "ms");
+    report(&w, "master-peak-rss", status_kib("self", "VmHWM") / 1024.0, "MiB");
+    report(&w, "child-rss", rss / 1024.0, "MiB");
+    report(&w, "child-uss", uss / 1024.0, "MiB");
+    Ok(())
+}
