@@ -211,3 +211,49 @@ impl Message {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_doc_matches_the_encoder() {
+        let doc = include_str!("../../docs/wire-format.md");
+        let block = doc.split("<!-- frame-example -->").nth(1).expect("example marker");
+        let hex: String = block.split("```").nth(1).expect("code block").split_whitespace().collect();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let m = Message {
+            dst: 5,
+            src: 0,
+            auth: 0,
+            handle: crate::ids::CALL_FUNCTION,
+            reply_to: 1000,
+            kind: Kind::Value,
+            data: b"abc".to_vec(),
+        };
+        assert_eq!(m.to_frame(), bytes);
+        assert!(doc.contains(&format!("fixed {HEADER_LEN}-byte header")));
+        let mut out = Vec::new();
+        crate::codec::Decoder::new(1024).feed(&bytes, &mut out).unwrap();
+        assert_eq!(out, vec![m]);
+    }
+
+    #[test]
+    fn dead_reason_codes_round_trip() {
+        for r in [
+            DeadReason::InvalidHandle,
+            DeadReason::Refused,
+            DeadReason::NoRoute,
+            DeadReason::TooLarge,
+            DeadReason::BrokerExited,
+            DeadReason::SenderClosed,
+            DeadReason::Disconnected,
+            DeadReason::Other,
+        ] {
+            assert_eq!(DeadReason::from_code(r.code()), r);
+            let m = Message::dead(1, 2, r, "why");
+            assert_eq!(m.dead_reason(), Some((r, "why".to_string())));
+        }
+    }
+}

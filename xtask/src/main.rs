@@ -4,7 +4,8 @@
 //!   in fresh processes (interleaved reps, latency workloads also pinned to CPU 0), print
 //!   one table with medians, ranges, ratios to the physical floors and the targets.
 //! - `check-invariants`: the architecture invariants that can be checked mechanically.
-//! - `ci`: fmt check, clippy, invariants, all tests, docs.
+//! - `test`: every test (doc tests, then everything else under nextest).
+//! - `ci`: fmt check, clippy, invariants, docs, then `test`.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -36,7 +37,8 @@ fn main() -> Result<()> {
         Some("bench") => bench(&args[1..]),
         Some("check-invariants") => check_invariants(),
         Some("ci") => ci(),
-        _ => bail!("usage: cargo xtask <bench [--quick] [--reps N] | check-invariants | ci>"),
+        Some("test") => test(),
+        _ => bail!("usage: cargo xtask <test | bench [--quick] [--reps N] | check-invariants | ci>"),
     }
 }
 
@@ -44,9 +46,15 @@ fn ci() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     check_invariants()?;
-    run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))?;
+    run(cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    test()
+}
+
+/// Every test: doc tests, then unit, property, simulation and integration tests (nextest
+/// last, so its summary closes the output).
+fn test() -> Result<()> {
     run(cargo().args(["test", "--workspace", "--doc"]))?;
-    run(cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))
+    run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))
 }
 
 /// Architecture invariants (see ARCHITECTURE.md).
@@ -121,20 +129,37 @@ const WORKLOADS: &[(&str, bool)] = &[
     ("fanout-200", false),
 ];
 
-fn load() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
+/// (busy, total) jiffies of all CPUs.
+fn cpu_times() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> =
+        s.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
 }
 
-fn wait_idle() -> f64 {
-    // Wait (bounded) for the 1-minute load to settle below one busy core.
-    let start = std::time::Instant::now();
-    while load() > 1.0 && start.elapsed() < std::time::Duration::from_secs(20) {
-        std::thread::sleep(std::time::Duration::from_millis(500));
+/// Fraction of CPU time busy over the next 200 ms.
+fn busy() -> f64 {
+    let (b0, t0) = cpu_times();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (b1, t1) = cpu_times();
+    if t1 == t0 {
+        0.0
+    } else {
+        (b1 - b0) as f64 / (t1 - t0) as f64
     }
-    load()
+}
+
+/// Waits (at most 10 s) until the machine is mostly idle; returns the last busy fraction.
+fn wait_idle() -> f64 {
+    let start = std::time::Instant::now();
+    loop {
+        let b = busy();
+        if b < 0.15 || start.elapsed() > std::time::Duration::from_secs(10) {
+            return b;
+        }
+    }
 }
 
 fn bench(args: &[String]) -> Result<()> {
