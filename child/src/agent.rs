@@ -194,7 +194,8 @@ pub(crate) fn run(registry: Registry) -> Result<(), AgentError> {
 
     // Calls run one at a time on the main thread while the broker keeps routing.
     loop {
-        let Some(m) = calls.pop(None) else { continue };
+        // Waiting for a call, the main thread reads the parent stream itself.
+        let Some(m) = h.wait(&calls, None, Some(parent_id)) else { continue };
         if m.is_dead() {
             break;
         }

@@ -15,6 +15,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +31,10 @@ pub struct Queue {
 struct QueueState {
     items: VecDeque<Message>,
     watcher: Option<(Arc<SelectShared>, usize)>,
+    /// Eventfd of a thread waiting by reading a stream itself, and that thread.
+    waker: Option<(Arc<OwnedFd>, std::thread::ThreadId)>,
+    /// Threads blocked on the condvar (notifying costs a syscall; skip it when none).
+    sleepers: usize,
 }
 
 impl Queue {
@@ -45,8 +50,26 @@ impl Queue {
         if let Some((sel, key)) = &st.watcher {
             sel.ready(*key);
         }
+        if let Some((fd, thread)) = &st.waker {
+            if *thread != std::thread::current().id() {
+                crate::broker::wake(fd);
+            }
+        }
+        let sleepers = st.sleepers;
         drop(st);
-        self.cond.notify_one();
+        if sleepers > 0 {
+            self.cond.notify_one();
+        }
+    }
+
+    /// Removes the oldest message without waiting.
+    pub fn try_pop(&self) -> Option<Message> {
+        self.st.lock().unwrap().items.pop_front()
+    }
+
+    /// Registers (or clears) the eventfd of the current thread as this queue's waker.
+    pub(crate) fn set_waker(&self, fd: Option<Arc<OwnedFd>>) {
+        self.st.lock().unwrap().waker = fd.map(|f| (f, std::thread::current().id()));
     }
 
     /// Removes the oldest message, waiting until `deadline` (forever if `None`).
@@ -56,16 +79,19 @@ impl Queue {
             if let Some(m) = st.items.pop_front() {
                 return Some(m);
             }
+            st.sleepers += 1;
             match deadline {
                 None => st = self.cond.wait(st).unwrap(),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
+                        st.sleepers -= 1;
                         return None;
                     }
                     st = self.cond.wait_timeout(st, d - now).unwrap().0;
                 }
             }
+            st.sleepers -= 1;
         }
     }
 
@@ -126,6 +152,7 @@ pub struct Receiver<T> {
     decode: DecodeFn<T>,
     done: bool,
     one_shot: bool,
+    respondent: Option<ContextId>,
 }
 
 impl<T> fmt::Debug for Receiver<T> {
@@ -158,7 +185,15 @@ impl<T> Receiver<T> {
         let handle = broker
             .alloc_handle(Sink::Queue(queue.clone()), persist, respondent)
             .map_err(CallError::from_send)?;
-        Ok(Receiver { broker: broker.clone(), handle, queue, decode, done: false, one_shot: !persist })
+        Ok(Receiver {
+            broker: broker.clone(),
+            handle,
+            queue,
+            decode,
+            done: false,
+            one_shot: !persist,
+            respondent,
+        })
     }
 
     /// The handle this receiver owns.
@@ -185,7 +220,10 @@ impl<T> Receiver<T> {
             self.done = true;
             return Err(CallError::Shutdown);
         }
-        let m = self.queue.pop(deadline).ok_or(CallError::Timeout(timeout.unwrap_or_default()))?;
+        let m = self
+            .broker
+            .wait(&self.queue, deadline, self.respondent)
+            .ok_or(CallError::Timeout(timeout.unwrap_or_default()))?;
         self.decode_msg(m)
     }
 

@@ -218,9 +218,9 @@ fn bench(args: &[String]) -> Result<()> {
         .unwrap_or_default();
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!(
-        "mitogen-rs benchmarks: {reps} reps, {cpus} CPUs, kernel {kernel}, load during runs {:.2}-{:.2}",
-        loads.iter().cloned().fold(f64::INFINITY, f64::min),
-        loads.iter().cloned().fold(0.0, f64::max)
+        "mitogen-rs benchmarks: {reps} reps, {cpus} CPUs, kernel {kernel}, CPU busy before runs {:.0}%-{:.0}%",
+        100.0 * loads.iter().cloned().fold(f64::INFINITY, f64::min),
+        100.0 * loads.iter().cloned().fold(0.0, f64::max)
     );
     println!();
     println!("| workload | metric | pinned | median | [min - max] | unit | vs floor | target |");

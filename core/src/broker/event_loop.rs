@@ -1,9 +1,9 @@
 //! The broker thread: readiness loop, stream reading, flushing, timers, reaping, shutdown.
 
+use super::rx::StreamRx;
 use super::stream::StreamTx;
 use super::sys;
 use super::{resolve, BrokerHandle, Command, Deferred, LineSink, Resolved};
-use crate::codec::Decoder;
 use crate::ids;
 use crate::message::{Kind, Message};
 use crate::router::StreamId;
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 // Poll keys: each stream gets a slot `k`; its read fd is 4k, its write fd 4k+1 and its
 // diagnostic fd 4k+2. Free-standing line readers use 4k+3 from their own counter.
-fn read_key(k: usize) -> usize {
+pub(super) fn read_key(k: usize) -> usize {
     k * 4
 }
 pub(super) fn write_key(k: usize) -> usize {
@@ -30,8 +30,6 @@ fn diag_key(k: usize) -> usize {
 
 /// Longest line kept before it is cut (diagnostic output with no newline).
 const MAX_LINE: usize = 64 * 1024;
-/// Reads per readiness event before other streams get a turn.
-const READ_BUDGET: usize = 16;
 /// A child that has not exited this long after its stream closed gets SIGTERM...
 const TERM_AFTER: Duration = Duration::from_secs(2);
 /// ...and SIGKILL this long after.
@@ -39,9 +37,8 @@ const KILL_AFTER: Duration = Duration::from_secs(4);
 
 struct Reader {
     stream: StreamId,
-    read: OwnedFd,
+    rx: Arc<StreamRx>,
     tx: Arc<StreamTx>,
-    decoder: Decoder,
     name: String,
     is_parent: bool,
 }
@@ -122,8 +119,8 @@ impl Loop {
         let cmds = std::mem::take(&mut self.h.shared.core.lock().unwrap().commands);
         for c in cmds {
             match c {
-                Command::AddReader { stream, key, read, diag, process, name } => {
-                    self.add_reader(stream, key, read, diag, process, name)
+                Command::AddReader { stream, key, rx, diag, process, name } => {
+                    self.add_reader(stream, key, rx, diag, process, name)
                 }
                 Command::AddLines { fd, sink } => {
                     let key = self.next_line_key * 4 + 3;
@@ -150,7 +147,7 @@ impl Loop {
         &mut self,
         stream: StreamId,
         k: usize,
-        read: OwnedFd,
+        rx: Arc<StreamRx>,
         diag: Option<OwnedFd>,
         process: Option<Child>,
         name: String,
@@ -174,17 +171,11 @@ impl Loop {
             self.add_lines(diag_key(k), fd, sink);
         }
         let Some(tx) = tx else { return };
-        // Level-triggered: no re-arming syscall after each read.
-        // SAFETY: deleted in `lose` before the fd is dropped.
-        let added = unsafe {
-            self.h.shared.poller.add_with_mode(&read, Event::readable(read_key(k)), PollMode::Level)
-        };
-        if let Err(e) = added {
+        if let Err(e) = rx.register(&self.h.shared.poller) {
             log::error!("{}: cannot poll stream {stream}: {e}", self.name());
             return;
         }
-        let decoder = Decoder::new(self.h.shared.cfg.router.max_message_size);
-        self.readers.insert(k, Reader { stream, read, tx, decoder, name, is_parent });
+        self.readers.insert(k, Reader { stream, rx, tx, name, is_parent });
     }
 
     fn add_lines(&mut self, key: usize, fd: OwnedFd, sink: LineSink) {
@@ -214,67 +205,9 @@ impl Loop {
     }
 
     fn on_readable(&mut self, k: usize) {
-        let Some(r) = self.readers.get_mut(&k) else { return };
-        let mut msgs = Vec::new();
-        let mut lost: Option<String> = None;
-        for _ in 0..READ_BUDGET {
-            let buf = r.decoder.read_buf();
-            let want = buf.len();
-            match sys::read(r.read.as_fd(), buf) {
-                Ok(0) => {
-                    lost = Some(if r.decoder.is_idle() {
-                        "end of file".into()
-                    } else {
-                        "end of file inside a frame".into()
-                    });
-                    break;
-                }
-                Ok(n) => {
-                    r.decoder.commit(n);
-                    while let Some(m) = r.decoder.next_message() {
-                        match m {
-                            Ok(m) => msgs.push(m),
-                            Err(e) => {
-                                log::error!(
-                                    "{}: stream to {}: {e}; dropping it",
-                                    self.h.shared.cfg.name,
-                                    r.name
-                                );
-                                lost = Some(e.to_string());
-                                break;
-                            }
-                        }
-                    }
-                    if lost.is_some() || n < want {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    lost = Some(format!("read failed: {e}"));
-                    break;
-                }
-            }
-        }
-        let stream = r.stream;
-        if !msgs.is_empty() {
-            if self.h.debug() {
-                for m in &msgs {
-                    log::debug!("{}: received {m:?} on stream {stream}", self.h.shared.cfg.name);
-                }
-            }
-            let resolved = {
-                let mut core = self.h.shared.core.lock().unwrap();
-                let mut actions = Vec::new();
-                for m in msgs {
-                    core.router.receive(stream, m, &mut actions);
-                }
-                resolve(&core, actions)
-            };
-            self.h.execute(resolved);
-        }
-        if let Some(why) = lost {
+        let Some(r) = self.readers.get(&k) else { return };
+        let rx = r.rx.clone();
+        if let Some(why) = rx.read_and_route(&self.h) {
             self.lose(k, &why);
         }
     }
@@ -320,7 +253,7 @@ impl Loop {
     fn lose(&mut self, k: usize, why: &str) {
         let Some(r) = self.readers.remove(&k) else { return };
         log::debug!("{}: stream {} to {} lost: {why}", self.h.shared.cfg.name, r.stream, r.name);
-        let _ = self.h.shared.poller.delete(&r.read);
+        let _ = self.h.shared.poller.delete(&r.rx.fd);
         let _ = self.h.shared.poller.delete(r.tx.fd());
         let unsent = r.tx.close();
         if unsent > 0 {
@@ -329,12 +262,12 @@ impl Loop {
         let resolved: Vec<Resolved> = {
             let mut core = self.h.shared.core.lock().unwrap();
             core.streams.remove(&r.stream);
+            core.readers.remove(&r.stream);
             let mut actions = Vec::new();
             core.router.stream_lost(r.stream, &mut actions);
             resolve(&core, actions)
         };
-        drop(r.read);
-        self.h.execute(resolved);
+        self.h.execute(resolved, false);
         for p in self.reaping.iter_mut().filter(|p| p.stream == r.stream) {
             p.since = Instant::now();
         }
@@ -452,7 +385,7 @@ impl Loop {
             resolve(&core, actions)
         };
         self.h.set_exited();
-        self.h.execute(resolved);
+        self.h.execute(resolved, false);
         // Reap children: they saw end of file on their stream and exit by themselves.
         let deadline = Instant::now() + KILL_AFTER;
         for p in &mut self.reaping {

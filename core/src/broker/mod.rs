@@ -10,8 +10,12 @@
 //! once with [`BrokerError::Shutdown`].
 
 mod event_loop;
+mod rx;
 mod stream;
 mod sys;
+
+pub(crate) use rx::wake;
+use rx::StreamRx;
 
 pub use stream::{HIGH_WATER, LOW_WATER};
 
@@ -117,7 +121,7 @@ pub(crate) enum Command {
     AddReader {
         stream: StreamId,
         key: usize,
-        read: OwnedFd,
+        rx: Arc<StreamRx>,
         diag: Option<OwnedFd>,
         process: Option<std::process::Child>,
         name: String,
@@ -135,6 +139,8 @@ pub(crate) enum Command {
 pub(crate) struct Core {
     pub(crate) router: Router<Sink>,
     pub(crate) streams: HashMap<StreamId, Arc<StreamTx>>,
+    /// Read sides, registered once the broker polls them.
+    pub(crate) readers: HashMap<StreamId, Arc<StreamRx>>,
     next_stream: StreamId,
     pub(crate) commands: Vec<Command>,
     next_key: usize,
@@ -182,6 +188,7 @@ impl Broker {
             core: Mutex::new(Core {
                 router: Router::new(cfg.router.clone()),
                 streams: HashMap::new(),
+                readers: HashMap::new(),
                 next_stream: 1,
                 commands: Vec::new(),
                 next_key: 0,
@@ -254,7 +261,7 @@ impl BrokerHandle {
         self.shared.state.load(Ordering::Acquire) == EXITED
     }
 
-    fn on_broker_thread(&self) -> bool {
+    pub(crate) fn on_broker_thread(&self) -> bool {
         self.shared.broker_thread.get() == Some(&std::thread::current().id())
     }
 
@@ -301,11 +308,12 @@ impl BrokerHandle {
             f(&mut core.router, &mut actions);
             resolve(&core, actions)
         };
-        self.execute(resolved);
+        self.execute(resolved, !self.on_broker_thread());
     }
 
-    pub(crate) fn execute(&self, resolved: Vec<Resolved>) {
-        let may_block = !self.on_broker_thread();
+    /// Carries out resolved router actions. `may_block`: a user thread sending its own
+    /// message may wait for backpressure; forwarding never does.
+    pub(crate) fn execute(&self, resolved: Vec<Resolved>, may_block: bool) {
         for r in resolved {
             match r {
                 Resolved::Transmit(tx, msg) => {
@@ -330,6 +338,20 @@ impl BrokerHandle {
                 }
             }
         }
+    }
+
+    /// Waits for the next message on `q` until `deadline` (forever if `None`). When `from`
+    /// names the context the message will come from, the calling thread reads the stream
+    /// leading there itself if no other thread does (one wake-up per message instead of
+    /// two); otherwise it waits for the broker thread to deliver.
+    pub fn wait(&self, q: &Queue, deadline: Option<Instant>, from: Option<ContextId>) -> Option<Message> {
+        rx::wait(self, q, deadline, from)
+    }
+
+    fn stream_rx_towards(&self, id: ContextId) -> Option<Arc<StreamRx>> {
+        let core = self.shared.core.lock().unwrap();
+        let stream = core.router.route_for(id)?;
+        core.readers.get(&stream).cloned()
     }
 
     /// Registers a persistent handle with a well-known number.
@@ -406,13 +428,18 @@ impl BrokerHandle {
         self.check_running()?;
         sys::set_nonblocking(conn.read.as_fd())?;
         sys::set_nonblocking(conn.write.as_fd())?;
-        let (stream, key, resolved) = {
+        let (stream, key, rx, resolved) = {
             let mut core = self.shared.core.lock().unwrap();
             let stream = core.next_stream;
             core.next_stream += 1;
             let key = core.next_key;
             core.next_key += 1;
             let tx = Arc::new(StreamTx::new(stream, event_loop::write_key(key), conn.write));
+            let max = self.shared.cfg.router.max_message_size;
+            let rx =
+                Arc::new(StreamRx::new(stream, event_loop::read_key(key), conn.read, name.to_string(), max));
+            // Visible to waiting threads at once; the broker starts polling it shortly.
+            core.readers.insert(stream, rx.clone());
             // SAFETY: the fd stays open until `delete` in `stream_lost` (same thread order:
             // the broker deletes it before the StreamTx, and so the fd, is dropped).
             unsafe { self.shared.poller.add(tx.fd(), Event::none(tx.key))? };
@@ -424,14 +451,14 @@ impl BrokerHandle {
                 core.router.add_child_stream(stream, remote, &mut actions);
             }
             let resolved = resolve(&core, actions);
-            (stream, key, resolved)
+            (stream, key, rx, resolved)
         };
         // ADD_ROUTE is queued on the parent stream before reading starts (FIFO order).
-        self.execute(resolved);
+        self.execute(resolved, false);
         self.command(Command::AddReader {
             stream,
             key,
-            read: conn.read,
+            rx,
             diag: conn.diag,
             process: conn.process,
             name: name.to_string(),

@@ -6,8 +6,12 @@ use std::time::Duration;
 #[test]
 fn create_shutdown_cycles_leak_nothing() {
     let r = Router::new().unwrap();
-    // Warm up lazily created state (build id cache, thread pools).
-    local(&r).shutdown(Duration::from_secs(10)).unwrap();
+    // Warm up lazily created state (build id cache, this thread's waker).
+    for _ in 0..3 {
+        let c = local(&r);
+        c.call(add, (0, 0)).unwrap();
+        c.shutdown(Duration::from_secs(10)).unwrap();
+    }
     std::thread::sleep(Duration::from_millis(100));
     let before = hygiene();
     let handles_before = r.broker().handle_count();
@@ -23,7 +27,7 @@ fn create_shutdown_cycles_leak_nothing() {
         std::thread::sleep(Duration::from_millis(20));
         after = hygiene();
     }
-    assert_eq!(after, before, "fds/threads/zombies grew over 200 cycles");
+    assert_eq!(after, before, "fds/threads/zombies grew over 200 cycles: {before:?} -> {after:?}");
     assert_eq!(r.broker().handle_count(), handles_before, "handles leaked");
     assert_eq!(r.broker().stream_count(), 0);
 }
