@@ -87,9 +87,18 @@ mitogen::remote_fn! {
     /// Logs at warn level and prints a line on stdout and one on stderr.
     pub fn chatter(tag: String) -> () {
         log::warn!("log record {tag}");
+        log::error!("error record {tag}");
         println!("stdout line {tag}");
         eprintln!("stderr line {tag}");
+        // Output of subprocesses is captured too: they inherit the agent's stdout.
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", &format!("echo subprocess line {tag}")]);
+        let _ = mitogen_core_spawn_wait(&mut cmd);
     }
+}
+
+fn mitogen_core_spawn_wait(cmd: &mut std::process::Command) -> std::io::Result<()> {
+    cmd.status().map(drop)
 }
 
 static INBOX: Mutex<Option<Receiver<String>>> = Mutex::new(None);

@@ -141,3 +141,42 @@ fn hung_function_does_not_stop_context_shutdown() {
     c.shutdown(Duration::from_secs(10)).unwrap();
     assert!(wait_gone(pid, Duration::from_secs(10)));
 }
+
+/// A broker stream that receives a corrupt or oversized frame is dropped (with a logged
+/// error) before any payload is allocated; the peer sees the stream closed.
+#[test]
+fn corrupt_and_oversized_frames_drop_the_stream() {
+    use mitogen_core::transport::Connection;
+    use mitogen_core::{Broker, BrokerConfig, Kind, Message};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let mut good = Message::new(0, 9999, Kind::Raw, b"x".to_vec()).to_frame();
+    let mut huge = Message::new(0, 9999, Kind::Raw, Vec::new()).header().to_vec();
+    huge[24..28].copy_from_slice(&u32::MAX.to_be_bytes());
+    good[0] = b'Z';
+    for (what, bytes) in [("bad magic", good), ("oversized length", huge)] {
+        let b = Broker::start(BrokerConfig::master()).unwrap();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let fd = std::os::fd::OwnedFd::from(ours);
+        let conn = Connection {
+            read: fd.try_clone().unwrap(),
+            write: fd,
+            diag: None,
+            process: None,
+            description: "test".into(),
+        };
+        b.handle().add_stream(conn, 77, false, "peer").unwrap();
+        assert_eq!(b.handle().stream_count(), 1);
+        theirs.write_all(&bytes).unwrap();
+        theirs.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(theirs.read(&mut buf).unwrap(), 0, "{what}: stream not closed");
+        let end = Instant::now() + Duration::from_secs(10);
+        while b.handle().stream_count() != 0 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(b.handle().stream_count(), 0, "{what}");
+        assert!(!b.handle().is_reachable(77), "{what}: route survived");
+    }
+}

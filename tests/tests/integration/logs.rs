@@ -39,4 +39,38 @@ fn child_logs_and_stdio_arrive_named_after_the_context() {
     assert!(wait_for(|(l, t, m)| *l == log::Level::Warn && *t == ctx_target && m.ends_with("log record t1")));
     assert!(wait_for(|(_, t, m)| *t == format!("{ctx_target}::stdout") && m == "stdout line t1"));
     assert!(wait_for(|(_, t, m)| *t == format!("{ctx_target}::stderr") && m == "stderr line t1"));
+    assert!(wait_for(|(_, t, m)| *t == format!("{ctx_target}::stdout") && m == "subprocess line t1"));
+}
+
+#[test]
+fn child_filters_records_below_the_master_level() {
+    let _ = log::set_logger(&Capture);
+    log::set_max_level(log::LevelFilter::Error);
+    let r = Router::new().unwrap();
+    let c = local(&r);
+    c.call(chatter, ("t2".into(),)).unwrap();
+    let ctx_target = format!("mitogen::ctx::{}", c.name());
+    // The error record is logged after the warn record: once it is here, the warn record
+    // would be too, had the child not filtered it (records keep their order).
+    assert!(wait_for(|(l, t, m)| *l == log::Level::Error
+        && *t == ctx_target
+        && m.ends_with("error record t2")));
+    let recs = RECORDS.lock().unwrap();
+    assert!(!recs.iter().any(|(_, _, m)| m.ends_with("log record t2")), "warn record was forwarded");
+    assert!(
+        !recs.iter().any(|(_, t, _)| t.ends_with("::stdout") && t.contains(c.name())),
+        "stdout is info level"
+    );
+}
+
+#[test]
+fn enable_debug_makes_children_log_their_routing() {
+    let _ = log::set_logger(&Capture);
+    log::set_max_level(log::LevelFilter::Debug);
+    let r = Router::new().unwrap();
+    r.enable_debug();
+    let c = local(&r);
+    c.call(add, (1, 2)).unwrap();
+    let ctx_target = format!("mitogen::ctx::{}", c.name());
+    assert!(wait_for(|(l, t, m)| *l == log::Level::Debug && *t == ctx_target && m.contains("Message(")));
 }
