@@ -14,6 +14,9 @@ use std::cell::Cell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
+/// A call request at least this large counts as bulk data (see the dispatch loop).
+const BULK_CALL: usize = 64 * 1024;
+
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -192,13 +195,18 @@ pub(crate) fn run(registry: Registry) -> Result<(), AgentError> {
     let data = encode_value(&hello).map_err(|e| AgentError::Bootstrap(e.to_string()))?;
     h.send(Message::new(parent_id, ids::HELLO, Kind::Value, data))?;
 
-    // Calls run one at a time on the main thread while the broker keeps routing.
+    // Calls run one at a time on the main thread while the broker keeps routing. Waiting
+    // for the next call, the main thread reads the parent stream itself (one wake-up per
+    // call), unless the last call was bulk data: then the broker thread reads the next one
+    // while this thread is still busy, which keeps large transfers overlapped.
+    let mut last_len = 0;
     loop {
-        // Waiting for a call, the main thread reads the parent stream itself.
-        let Some(m) = h.wait(&calls, None, Some(parent_id)) else { continue };
+        let from = (last_len < BULK_CALL).then_some(parent_id);
+        let Some(m) = h.wait(&calls, None, from) else { continue };
         if m.is_dead() {
             break;
         }
+        last_len = m.data.len();
         registry.dispatch(&h, &boot.name, m);
     }
     // The broker is exiting; its exit hook ends the process.

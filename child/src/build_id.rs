@@ -11,7 +11,9 @@ use xxhash_rust::xxh3::Xxh3;
 pub fn of_file(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
+    // Below glibc's mmap threshold: a freed 1 MiB buffer would raise it, and later
+    // stream buffers would then come from the heap already touched.
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {

@@ -8,8 +8,11 @@
 use crate::message::{Kind, Message, HEADER_LEN, MAGIC, VERSION};
 use serde::{de::DeserializeOwned, Serialize};
 
-/// Size of the staging buffer for reads: small frames are batched through it.
+/// Largest size of the staging buffer for reads: small frames are batched through it.
 pub const READ_CHUNK: usize = 128 * 1024;
+/// Initial size of the staging buffer; it doubles (up to [`READ_CHUNK`]) when reads fill
+/// it, so idle streams stay small.
+const INITIAL_CHUNK: usize = READ_CHUNK;
 
 /// A stream that produced one of these is corrupt or hostile and must be dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -159,7 +162,7 @@ impl Decoder {
     pub fn new(max_message_size: u32) -> Decoder {
         Decoder {
             max: max_message_size,
-            buf: vec![0; READ_CHUNK],
+            buf: vec![0; INITIAL_CHUNK],
             start: 0,
             end: 0,
             body: None,
@@ -182,8 +185,19 @@ impl Decoder {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
+            if self.end == self.buf.len() {
+                // One partial frame fills the buffer: grow (it is at most half of
+                // READ_CHUNK, larger bodies are read into their own buffer).
+                let len = (self.buf.len() * 2).min(READ_CHUNK);
+                self.buf.resize(len, 0);
+            }
         }
         &mut self.buf[self.end..]
+    }
+
+    fn grow(&mut self) {
+        let len = (self.buf.len() * 2).min(READ_CHUNK);
+        self.buf.resize(len, 0);
     }
 
     /// Records that `n` bytes were written into the slice from [`Decoder::read_buf`].
@@ -192,7 +206,16 @@ impl Decoder {
             *filled += n;
         } else {
             self.end += n;
+            if self.end == self.buf.len() && self.buf.len() < READ_CHUNK {
+                // Reads fill the buffer: the stream is busy, batch more per read.
+                self.grow();
+            }
         }
+    }
+
+    /// True while a large body is being read into its own buffer (bulk data in flight).
+    pub fn in_large_body(&self) -> bool {
+        self.body.is_some()
     }
 
     /// True when no partial frame is buffered (a clean place for the stream to end).
@@ -236,8 +259,16 @@ impl Decoder {
             self.start = body_start + len;
             return Some(Ok(make(h, data)));
         }
-        if len + HEADER_LEN <= self.buf.len() / 2 {
-            // Small frame: wait for the rest in the staging buffer.
+        if len + HEADER_LEN <= READ_CHUNK / 2 {
+            // Small frame: wait for the rest in the staging buffer (grown if needed).
+            if self.start + len + HEADER_LEN > self.buf.len() {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                while self.buf.len() < len + HEADER_LEN {
+                    self.grow();
+                }
+            }
             return None;
         }
         // Large frame: allocate exactly once (the length was checked) and read into it.

@@ -7,6 +7,9 @@
 //! reads, and hands the stream back when its message has arrived. A call round trip then
 //! costs one wake-up per process, like a raw ping-pong, instead of two.
 //!
+//! A borrower hands the stream back as soon as a large frame is in flight: bulk data is
+//! read by the broker thread, which overlaps it with the work of the waiting thread.
+//!
 //! Reading, routing and handing the results to streams and queues all happen under the
 //! stream's read lock, so messages from one stream keep their order whichever thread reads.
 
@@ -59,6 +62,11 @@ impl StreamRx {
         let ev = if st.borrowed { Event::none(self.key) } else { Event::readable(self.key) };
         // SAFETY: deleted in the broker's `lose` before the fd is dropped.
         unsafe { poller.add_with_mode(&self.fd, ev, PollMode::Level) }
+    }
+
+    /// True while a large frame is being read (bulk data in flight).
+    fn in_large_body(&self) -> bool {
+        self.state.lock().unwrap().decoder.in_large_body()
     }
 
     /// Reads what is available, routes it and executes the results, all under the read
@@ -208,6 +216,11 @@ pub(crate) fn wait(
         }
         if fds[0].revents != 0 && rx.read_and_route(h).is_some() {
             // Lost: the broker sees the same end of file once the stream is handed back.
+            break;
+        }
+        if rx.in_large_body() {
+            // Bulk data: the broker thread reads it while this thread waits (or works);
+            // borrowing pays off for small, latency-bound messages only.
             break;
         }
     }
