@@ -8,7 +8,8 @@ use std::ops::{Deref, DerefMut};
 /// A byte buffer for call arguments and streams.
 ///
 /// `Vec<u8>` encodes byte by byte through serde; `Bytes` encodes as a single block, so
-/// megabytes cost a memcpy. Use it for bulk data.
+/// megabytes cost a memcpy. Through a [`crate::Sender`] it travels as a raw payload and the
+/// [`crate::Receiver`] hands out the received buffer itself. Use it for bulk data.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Bytes(pub Vec<u8>);
 

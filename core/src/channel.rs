@@ -5,12 +5,14 @@
 //! sender sends a dead "sender closed" message, which ends the receiver's iteration.
 
 use crate::broker::{BrokerHandle, Sink};
+use crate::bytes::Bytes;
 use crate::call::CallError;
 use crate::codec::{self, CodecError};
 use crate::ids::{ContextId, Handle};
 use crate::message::{DeadReason, Kind, Message};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::any::{Any, TypeId};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
@@ -126,13 +128,21 @@ pub fn decode_with<T: DeserializeOwned>(broker: &BrokerHandle, bytes: &[u8]) -> 
 
 type DecodeFn<T> = fn(&BrokerHandle, Message) -> Result<T, CallError>;
 
-/// Turns a message into a value of `T`, mapping dead messages to errors.
-pub(crate) fn decode_plain<T: DeserializeOwned>(b: &BrokerHandle, m: Message) -> Result<T, CallError> {
+/// Turns a message into a value of `T`, mapping dead messages to errors. A raw payload
+/// becomes a [`Bytes`] without copying.
+pub(crate) fn decode_plain<T: DeserializeOwned + 'static>(
+    b: &BrokerHandle,
+    m: Message,
+) -> Result<T, CallError> {
     if let Some((reason, text)) = m.dead_reason() {
         return Err(CallError::from_dead(reason, text));
     }
     match m.kind {
-        Kind::Value | Kind::Raw => Ok(decode_with(b, &m.data)?),
+        Kind::Value => Ok(decode_with(b, &m.data)?),
+        Kind::Raw if TypeId::of::<T>() == TypeId::of::<Bytes>() => {
+            let any: Box<dyn Any> = Box::new(Bytes(m.data));
+            Ok(*any.downcast::<T>().expect("T is Bytes"))
+        }
         _ => Err(CallError::Codec(CodecError::Decode {
             type_name: std::any::type_name::<T>(),
             detail: format!("unexpected payload kind {:?}", m.kind),
@@ -161,7 +171,7 @@ impl<T> fmt::Debug for Receiver<T> {
     }
 }
 
-impl<T: DeserializeOwned> Receiver<T> {
+impl<T: DeserializeOwned + 'static> Receiver<T> {
     /// A new persistent receiver on a fresh handle of `broker`'s context.
     pub fn new(broker: &BrokerHandle) -> Result<Receiver<T>, CallError> {
         Self::with_decoder(broker, true, None, decode_plain::<T>)
@@ -321,16 +331,22 @@ impl<T> Sender<T> {
     }
 }
 
-impl<T: Serialize> Sender<T> {
+impl<T: Serialize + 'static> Sender<T> {
     /// Sends one value. Fails only if the stream was closed or the broker shut down; a
     /// destination that is gone makes the *receiver* fail, as with any message.
+    ///
+    /// [`Bytes`] travel as a raw payload: copied once here, never re-encoded or copied on
+    /// the receiving side.
     pub fn send(&self, value: &T) -> Result<(), CallError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(CallError::Closed);
         }
-        let data = codec::encode_value(value)?;
+        let (kind, data) = match (value as &dyn Any).downcast_ref::<Bytes>() {
+            Some(bytes) => (Kind::Raw, bytes.0.clone()),
+            None => (Kind::Value, codec::encode_value(value)?),
+        };
         let b = self.broker()?;
-        b.send(Message::new(self.dst, self.handle, Kind::Value, data)).map_err(CallError::from_send)
+        b.send(Message::new(self.dst, self.handle, kind, data)).map_err(CallError::from_send)
     }
 }
 

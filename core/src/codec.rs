@@ -12,7 +12,7 @@ use serde::{de::DeserializeOwned, Serialize};
 pub const READ_CHUNK: usize = 128 * 1024;
 /// Initial size of the staging buffer; it doubles (up to [`READ_CHUNK`]) when reads fill
 /// it, so idle streams stay small.
-const INITIAL_CHUNK: usize = READ_CHUNK;
+const INITIAL_CHUNK: usize = 4096;
 
 /// A stream that produced one of these is corrupt or hostile and must be dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
