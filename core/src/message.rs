@@ -124,7 +124,7 @@ pub struct Message {
     pub auth: ContextId,
     /// Handle at the destination.
     pub handle: Handle,
-    /// Handle at `src` that expects the reply, or [`crate::NO_REPLY`].
+    /// Handle at `src` that expects the reply, or [`crate::ids::NO_REPLY`].
     pub reply_to: Handle,
     /// Meaning of `data`.
     pub kind: Kind,

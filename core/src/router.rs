@@ -325,12 +325,8 @@ impl<S: Clone> Router<S> {
             self.deliver_local(msg, from, out);
             return;
         }
-        let next = match self.routes.get(&msg.dst) {
-            Some(&s) => Some(s),
-            // Default route up, but never back where the message came from.
-            None if from != self.parent || from.is_none() => self.parent,
-            None => None,
-        };
+        // Default route up, but never back where the message came from.
+        let next = self.routes.get(&msg.dst).copied().or(self.parent);
         let Some(next) = next.filter(|&s| Some(s) != from) else {
             let text = format!("no route to context {} from context {}", msg.dst, self.cfg.id);
             self.dead_reply(&msg, DeadReason::NoRoute, &text, out);

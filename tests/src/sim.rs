@@ -1,5 +1,5 @@
 //! A deterministic simulator of an N-node context tree driving the sans-IO
-//! [`Router`](mitogen_core::Router) with no processes, threads or sockets.
+//! `mitogen_core::Router` with no processes, threads or sockets.
 //!
 //! Each node is a router; each directed link is a FIFO of frames in flight. [`Sim::step`]
 //! delivers the head of one link chosen by a seeded generator, so any interleaving the

@@ -317,7 +317,8 @@ impl BrokerHandle {
         for r in resolved {
             match r {
                 Resolved::Transmit(tx, msg) => {
-                    if self.debug() {
+                    // Log traffic is never logged itself: that would feed back forever.
+                    if self.debug() && msg.handle != ids::FORWARD_LOG {
                         log::debug!("{}: transmit {msg:?} on stream {}", self.shared.cfg.name, tx.id);
                     }
                     if let Sent::Closed(msg) = tx.send(&self.shared.poller, msg, may_block) {
@@ -325,7 +326,7 @@ impl BrokerHandle {
                     }
                 }
                 Resolved::Deliver(sink, msg) => {
-                    if self.debug() {
+                    if self.debug() && msg.handle != ids::FORWARD_LOG {
                         log::debug!("{}: deliver {msg:?}", self.shared.cfg.name);
                     }
                     match sink {

@@ -116,7 +116,7 @@ impl StreamRx {
         }
         if !msgs.is_empty() {
             if h.debug() {
-                for m in &msgs {
+                for m in msgs.iter().filter(|m| m.handle != crate::ids::FORWARD_LOG) {
                     log::debug!("{}: received {m:?} from {}", h.shared.cfg.name, self.name);
                 }
             }

@@ -73,4 +73,17 @@ fn enable_debug_makes_children_log_their_routing() {
     c.call(add, (1, 2)).unwrap();
     let ctx_target = format!("mitogen::ctx::{}", c.name());
     assert!(wait_for(|(l, t, m)| *l == log::Level::Debug && *t == ctx_target && m.contains("Message(")));
+    // Forwarding a debug record must not itself produce records: the stream goes quiet.
+    let count = || RECORDS.lock().unwrap().iter().filter(|(_, t, _)| *t == ctx_target).count();
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut last = count();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = count();
+        if now == last {
+            break;
+        }
+        assert!(Instant::now() < end, "debug records from {} never stop: {now}", c.name());
+        last = now;
+    }
 }
