@@ -53,6 +53,8 @@ fn ci() -> Result<()> {
 /// Every test: doc tests, then unit, property, simulation and integration tests (nextest
 /// last, so its summary closes the output).
 fn test() -> Result<()> {
+    // Integration tests run the stock agent of mitogen-child, another package's binary.
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))
 }

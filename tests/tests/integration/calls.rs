@@ -54,6 +54,10 @@ fn unknown_function_is_a_call_error() {
 fn stock_agent_runs_builtins() {
     let r = Router::new().unwrap();
     let stock = env!("CARGO_BIN_EXE_mitogen-test-agent").replace("mitogen-test-agent", "mitogen-agent");
+    assert!(
+        std::path::Path::new(&stock).exists(),
+        "{stock} is missing: build it with `cargo build --workspace --bins` (cargo xtask test does)"
+    );
     let c = r.local(mitogen::Local::new().program(&stock)).unwrap();
     let out = c
         .call(mitogen::builtins::run_command, (vec!["sh".into(), "-c".into(), "echo hi; exit 3".into()],))
