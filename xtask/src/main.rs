@@ -1,8 +1,10 @@
 //! `cargo xtask <task>`: the project's build tasks.
 //!
-//! - `bench [--quick] [--reps N]`: release-build the benchmark program, run every workload
-//!   in fresh processes (interleaved reps, latency workloads also pinned to CPU 0), print
-//!   one table with medians, ranges, ratios to the physical floors and the targets.
+//! - `bench [--quick] [--reps N] [--json FILE] [--systems ours,mitogen,execnet]
+//!   [--refresh-peers]`: release-build the benchmark program, prepare a cached venv with
+//!   the latest mitogen and execnet, run every workload for every system in fresh processes
+//!   (reps interleaved across systems, latency workloads also pinned to CPU 0), print one
+//!   table with medians, ranges, speed-ups, ratios to the physical floors and the targets.
 //! - `check-invariants`: the architecture invariants that can be checked mechanically.
 //! - `test`: every test (doc tests, then everything else under nextest).
 //! - `ci`: fmt check, clippy, invariants, docs, then `test`.
@@ -38,7 +40,7 @@ fn main() -> Result<()> {
         Some("check-invariants") => check_invariants(),
         Some("ci") => ci(),
         Some("test") => test(),
-        _ => bail!("usage: cargo xtask <test | bench [--quick] [--reps N] | check-invariants | ci>"),
+        _ => bail!("usage: cargo xtask <test | bench [--quick] [--reps N] [--json FILE] [--systems LIST] | check-invariants | ci>"),
     }
 }
 
@@ -113,7 +115,8 @@ fn visit(dir: &std::path::Path, f: &mut dyn FnMut(&std::path::Path, &str)) -> Re
     Ok(())
 }
 
-/// (workload, pinned) pairs run each rep; latency workloads run pinned as well.
+/// (workload, pinned) pairs run each rep; latency workloads run pinned as well. Floors
+/// are ours only (they are the machine's, not a system's).
 const WORKLOADS: &[(&str, bool)] = &[
     ("floor-spawn", false),
     ("floor-pingpong", false),
@@ -130,6 +133,12 @@ const WORKLOADS: &[(&str, bool)] = &[
     ("fanout-50", false),
     ("fanout-200", false),
 ];
+
+/// The systems compared: ours and the Python peers (bench/peers/*.py).
+const SYSTEMS: &[&str] = &["ours", "mitogen", "execnet"];
+
+/// Longest one benchmark process may run.
+const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// (busy, total) jiffies of all CPUs.
 fn cpu_times() -> (u64, u64) {
@@ -164,8 +173,65 @@ fn wait_idle() -> f64 {
     }
 }
 
+/// The cached virtual environment with the latest mitogen and execnet from PyPI.
+fn peer_python(refresh: bool) -> Result<(PathBuf, String)> {
+    let venv = root().join("target/bench-venv");
+    let python = venv.join("bin/python");
+    let marker = venv.join("mitogen-rs-peers.txt");
+    if refresh || !marker.exists() || !python.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg("--clear").arg(&venv))?;
+        run(Command::new(&python).args(["-m", "pip", "install", "-q", "--upgrade", "mitogen", "execnet"]))?;
+        let out = Command::new(&python)
+            .args(["-c", "import importlib.metadata as m; print('mitogen', m.version('mitogen'), 'execnet', m.version('execnet'))"])
+            .output()?;
+        std::fs::write(&marker, &out.stdout)?;
+    }
+    Ok((python, std::fs::read_to_string(&marker)?.trim().to_string()))
+}
+
+/// Runs `cmd` with a time limit; returns its stdout.
+fn run_limited(mut cmd: Command, what: &str) -> Result<String> {
+    let mut child = cmd
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).map(|_| s)
+    });
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            let out = reader.join().expect("reader thread")?;
+            if !st.success() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                bail!("{what} failed ({st}): {}", err.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
+            }
+            return Ok(out);
+        }
+        if start.elapsed() > RUN_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} ran longer than {RUN_LIMIT:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Results: (system, workload, metric, pinned) -> (values, unit).
+type Results = BTreeMap<(String, String, String, bool), (Vec<f64>, String)>;
+
 fn bench(args: &[String]) -> Result<()> {
     let mut reps = 5;
+    let mut json = None;
+    let mut systems: Vec<String> = SYSTEMS.iter().map(|s| s.to_string()).collect();
+    let mut refresh = false;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -174,45 +240,105 @@ fn bench(args: &[String]) -> Result<()> {
                 i += 1;
                 reps = args.get(i).context("--reps needs a number")?.parse()?;
             }
-            other => bail!("unknown bench option {other}"),
+            "--json" => {
+                i += 1;
+                json = Some(PathBuf::from(args.get(i).context("--json needs a file")?));
+            }
+            "--systems" => {
+                i += 1;
+                systems = args.get(i).context("--systems needs a list")?.split(',').map(str::to_string).collect();
+            }
+            "--refresh-peers" => refresh = true,
+            other => bail!("unknown bench option {other} (--quick, --reps N, --json FILE, --systems a,b, --refresh-peers)"),
         }
         i += 1;
     }
+    if let Some(bad) = systems.iter().find(|s| !SYSTEMS.contains(&s.as_str())) {
+        bail!("unknown system {bad}; known: {SYSTEMS:?}");
+    }
     run(cargo().args(["build", "--release", "-p", "mitogen-tests", "--bin", "mitogen-bench"]))?;
     let bin = root().join("target/release/mitogen-bench");
-    // key: (workload, metric, pinned) -> values
-    let mut results: BTreeMap<(String, String, bool), (Vec<f64>, String)> = BTreeMap::new();
+    let peers = if systems.iter().any(|s| s != "ours") { Some(peer_python(refresh)?) } else { None };
+
+    let mut results: Results = BTreeMap::new();
     let mut loads = Vec::new();
     for rep in 1..=reps {
         for &(w, pinned) in WORKLOADS {
-            loads.push(wait_idle());
-            let mut cmd = if pinned {
-                let mut c = Command::new("taskset");
-                c.args(["-c", "0"]).arg(&bin);
-                c
-            } else {
-                Command::new(&bin)
-            };
-            let out = cmd.arg(w).output().with_context(|| format!("running {w}"))?;
-            if !out.status.success() {
-                bail!("{w} failed: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                if f.len() == 5 && f[0] == "RESULT" {
-                    let e = results
-                        .entry((f[1].into(), f[2].into(), pinned))
-                        .or_insert((Vec::new(), f[4].into()));
-                    e.0.push(f[3].parse()?);
+            for system in &systems {
+                if w.starts_with("floor-") && system != "ours" {
+                    continue;
+                }
+                let mut cmd = if pinned {
+                    let mut c = Command::new("taskset");
+                    c.args(["-c", "0"]);
+                    c
+                } else {
+                    // `env` as a neutral launcher keeps both branches one shape.
+                    Command::new("env")
+                };
+                match (system.as_str(), &peers) {
+                    ("ours", _) => {
+                        cmd.arg(&bin);
+                    }
+                    (peer, Some((python, _))) => {
+                        cmd.arg(python).arg(root().join(format!("bench/peers/{peer}_bench.py")));
+                    }
+                    _ => unreachable!("peers are prepared when a peer system is selected"),
+                }
+                // Fairness: unbuffered stdio makes Mitogen read its bootstrap a byte at a time.
+                cmd.arg(w).env_remove("PYTHONUNBUFFERED");
+                loads.push(wait_idle());
+                eprint!(
+                    "\rrep {rep}/{reps}: {system} {w}{}                ",
+                    if pinned { " (pinned)" } else { "" }
+                );
+                let out = run_limited(cmd, &format!("{system} {w}"))?;
+                for line in out.lines() {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    if f.len() == 5 && f[0] == "RESULT" {
+                        let key = (system.clone(), f[1].to_string(), f[2].to_string(), pinned);
+                        let e = results.entry(key).or_insert((Vec::new(), f[4].into()));
+                        e.0.push(f[3].parse()?);
+                    }
                 }
             }
-            eprint!("\rrep {rep}/{reps}: {w}{}            ", if pinned { " (pinned)" } else { "" });
         }
     }
     eprintln!();
-    let med = |k: (&str, &str, bool)| -> Option<f64> {
-        results.get(&(k.0.to_string(), k.1.to_string(), k.2)).map(|(v, _)| median(v))
-    };
+    if let Some(path) = json {
+        std::fs::write(&path, to_json(&results))?;
+        eprintln!("raw results written to {}", path.display());
+    }
+    print_table(&results, &systems, reps, &loads, peers.as_ref().map(|p| p.1.as_str()));
+    Ok(())
+}
+
+fn to_json(results: &Results) -> String {
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let rows: Vec<String> = results
+        .iter()
+        .map(|((sys, w, m, pinned), (v, unit))| {
+            let vals: Vec<String> = v.iter().map(|x| format!("{x}")).collect();
+            format!(
+                "  {{\"system\": \"{}\", \"workload\": \"{}\", \"metric\": \"{}\", \"pinned\": {pinned}, \"unit\": \"{}\", \"values\": [{}]}}",
+                esc(sys),
+                esc(w),
+                esc(m),
+                esc(unit),
+                vals.join(", ")
+            )
+        })
+        .collect();
+    format!("[\n{}\n]\n", rows.join(",\n"))
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    (s[s.len() / 2], s[0], s[s.len() - 1])
+}
+
+fn print_table(results: &Results, systems: &[String], reps: usize, loads: &[f64], peers: Option<&str>) {
     let kernel = Command::new("uname")
         .arg("-r")
         .output()
@@ -220,57 +346,109 @@ fn bench(args: &[String]) -> Result<()> {
         .unwrap_or_default();
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!(
-        "mitogen-rs benchmarks: {reps} reps, {cpus} CPUs, kernel {kernel}, CPU busy before runs {:.0}%-{:.0}%",
+        "mitogen-rs benchmarks: {reps} reps, {cpus} CPUs, kernel {kernel}, CPU busy before runs {:.0}%-{:.0}%{}",
         100.0 * loads.iter().cloned().fold(f64::INFINITY, f64::min),
-        100.0 * loads.iter().cloned().fold(0.0, f64::max)
+        100.0 * loads.iter().cloned().fold(0.0, f64::max),
+        peers.map(|p| format!(", peers: {p}")).unwrap_or_default()
     );
     println!();
-    println!("| workload | metric | pinned | median | [min - max] | unit | vs floor | target |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for ((w, m, pinned), (v, unit)) in &results {
-        let md = median(v);
-        let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
-        let max = v.iter().cloned().fold(0.0, f64::max);
-        let (floor, target) = judge(w, m, *pinned, md, &med);
-        println!(
-            "| {w} | {m} | {} | {md:.2} | [{min:.2} - {max:.2}] | {unit} | {floor} | {target} |",
-            if *pinned { "cpu0" } else { "" }
-        );
+    let peer_names: Vec<&String> = systems.iter().filter(|s| *s != "ours").collect();
+    let mut header = String::from("| workload | metric | pinned | unit | ours");
+    for p in &peer_names {
+        header.push_str(&format!(" | {p}"));
     }
-    Ok(())
+    for p in &peer_names {
+        header.push_str(&format!(" | vs {p}"));
+    }
+    header.push_str(" | ours vs floor | target |");
+    println!("{header}");
+    println!("{}", "|---".repeat(7 + 2 * peer_names.len()) + "|");
+    let med = |sys: &str, w: &str, m: &str, pinned: bool| {
+        results.get(&(sys.to_string(), w.to_string(), m.to_string(), pinned)).map(|(v, _)| stats(v).0)
+    };
+    let mut keys: Vec<(String, String, bool)> =
+        results.keys().map(|(_, w, m, p)| (w.clone(), m.clone(), *p)).collect();
+    keys.dedup();
+    keys.sort();
+    keys.dedup();
+    for (w, m, pinned) in keys {
+        let unit = results
+            .iter()
+            .find(|((_, w2, m2, p2), _)| *w2 == w && *m2 == m && *p2 == pinned)
+            .map(|(_, (_, u))| u.clone())
+            .unwrap_or_default();
+        let cell = |sys: &str| {
+            results
+                .get(&(sys.to_string(), w.clone(), m.clone(), pinned))
+                .map(|(v, _)| {
+                    let (md, lo, hi) = stats(v);
+                    format!("{md:.2} [{lo:.2}-{hi:.2}]")
+                })
+                .unwrap_or_else(|| "-".into())
+        };
+        let mut row =
+            format!("| {w} | {m} | {} | {unit} | {}", if pinned { "cpu0" } else { "" }, cell("ours"));
+        for p in &peer_names {
+            row.push_str(&format!(" | {}", cell(p)));
+        }
+        let ours = med("ours", &w, &m, pinned);
+        let higher_is_better = unit == "MiB/s";
+        for p in &peer_names {
+            let r = match (ours, med(p, &w, &m, pinned)) {
+                (Some(o), Some(x)) if o > 0.0 && x > 0.0 => {
+                    format!("{:.1}x", if higher_is_better { o / x } else { x / o })
+                }
+                _ => String::new(),
+            };
+            row.push_str(&format!(" | {r}"));
+        }
+        let (floor, target) = match ours {
+            Some(v) => judge(&w, &m, pinned, v, &|sys, w2, m2, p2| med(sys, w2, m2, p2)),
+            None => (String::new(), String::new()),
+        };
+        row.push_str(&format!(" | {floor} | {target} |"));
+        println!("{row}");
+    }
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
-}
+type Lookup<'a> = &'a dyn Fn(&str, &str, &str, bool) -> Option<f64>;
 
-type Lookup<'a> = &'a dyn Fn((&str, &str, bool)) -> Option<f64>;
-
-/// Ratio to the workload's floor and the verdict against the issue's target.
+/// Ratio of our figure to its floor, and the verdict against the issues' targets.
 fn judge(w: &str, m: &str, pinned: bool, v: f64, med: Lookup<'_>) -> (String, String) {
     let ratio = |floor: Option<f64>| floor.map(|f| v / f);
     let fmt = |r: Option<f64>| r.map(|r| format!("{r:.2}x")).unwrap_or_default();
     let verdict = |ok: bool, what: &str| format!("{} {what}", if ok { "ok" } else { "MISSED" });
+    let faster = |peer: &str, times: f64| {
+        med(peer, w, m, pinned).map(|p| verdict(p / v >= times, &format!(">= {times}x faster than {peer}")))
+    };
+    let join = |parts: Vec<Option<String>>| parts.into_iter().flatten().collect::<Vec<_>>().join("; ");
     match (w, m) {
-        ("lifecycle", "median") => {
-            let r = ratio(med(("floor-spawn", "median", false)));
-            (fmt(r), verdict(v <= 3.0, "<= 3 ms"))
-        }
+        ("lifecycle", "median") => (
+            fmt(ratio(med("ours", "floor-spawn", "median", false))),
+            join(vec![Some(verdict(v <= 3.0, "<= 3 ms")), faster("mitogen", 25.0)]),
+        ),
         ("roundtrip", "median") => {
-            let r = ratio(med(("floor-pingpong", "median", pinned)));
+            let r = ratio(med("ours", "floor-pingpong", "median", pinned));
             let limit = if pinned { 2.0 } else { 1.5 };
-            (fmt(r), verdict(r.is_some_and(|r| r <= limit), &format!("<= {limit}x floor")))
+            let ahead = med("execnet", w, m, pinned).map(|e| verdict(v < e, "ahead of execnet"));
+            (
+                fmt(r),
+                join(vec![
+                    Some(verdict(r.is_some_and(|r| r <= limit), &format!("<= {limit}x floor"))),
+                    ahead,
+                ]),
+            )
         }
         ("roundtrip-via", "median") | ("roundtrip", "p99") | ("roundtrip-via", "p99") => {
-            (fmt(ratio(med(("floor-pingpong", m, pinned)))), String::new())
+            (fmt(ratio(med("ours", "floor-pingpong", m, pinned))), String::new())
         }
-        ("stream-c2p", _) | ("args-p2c", _) => {
-            let r = ratio(med(("floor-write", "throughput", false)));
-            (fmt(r), verdict(v >= 2000.0, ">= 2000 MiB/s"))
+        ("stream-c2p", _) | ("args-p2c", _) => (
+            fmt(ratio(med("ours", "floor-write", "throughput", false))),
+            verdict(v >= 2000.0, ">= 2000 MiB/s"),
+        ),
+        ("fanout-200", "start-all") => {
+            (String::new(), join(vec![Some(verdict(v <= 600.0, "<= 600 ms")), faster("mitogen", 30.0)]))
         }
-        ("fanout-200", "start-all") => (String::new(), verdict(v <= 600.0, "<= 600 ms")),
         ("fanout-200", "child-rss") => (String::new(), verdict(v <= 3.0, "<= 3 MiB")),
         _ => (String::new(), String::new()),
     }
