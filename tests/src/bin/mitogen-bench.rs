@@ -74,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         "floor-pingpong" => floor_pingpong(),
         "floor-write" => floor_write(),
         "floor-spawn" => floor_spawn(),
+        "floor-cat" => floor_cat(),
         "lifecycle" => lifecycle(),
         "roundtrip" => roundtrip(false),
         "roundtrip-via" => roundtrip(true),
@@ -172,6 +173,40 @@ fn floor_spawn() -> anyhow::Result<()> {
     }
     samples.sort_by(f64::total_cmp);
     report("floor-spawn", "median", pct(&samples, 0.5), "ms");
+    Ok(())
+}
+
+/// The floor for relaying bulk data through processes: 256 x 1 MiB through `cat | cat`.
+fn floor_cat() -> anyhow::Result<()> {
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "cat | cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdout = child.stdout.take().expect("piped");
+    let block = random(MIB, 9);
+    let t = Instant::now();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        for _ in 0..BLOCKS {
+            stdin.write_all(&block)?;
+        }
+        Ok(())
+    });
+    let mut buf = vec![0u8; MIB];
+    let mut total = 0;
+    loop {
+        let n = stdout.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    writer.join().expect("writer thread")?;
+    child.wait()?;
+    anyhow::ensure!(total == BLOCKS as usize * MIB, "short read {total}");
+    report("floor-cat", "throughput", (total / MIB) as f64 / secs, "MiB/s");
     Ok(())
 }
 
