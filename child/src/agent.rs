@@ -165,6 +165,7 @@ pub(crate) fn run(registry: Registry) -> Result<(), AgentError> {
         diag: None,
         process: None,
         description: "parent".into(),
+        bootstrap: mitogen_core::Bootstrap::Direct,
     };
     h.add_stream(conn, parent_id, true, "parent")?;
 

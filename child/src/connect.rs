@@ -6,13 +6,17 @@ use crate::build_id;
 use mitogen_core::codec::{decode_value, encode_value, Decoder};
 use mitogen_core::ids::{self, ContextId};
 use mitogen_core::message::HEADER_LEN;
+use mitogen_core::transport::Bootstrap as StartMode;
 use mitogen_core::transport::{Connection, StartError, Transport};
 use mitogen_core::{BrokerError, BrokerHandle, Context, Kind, Message};
+use mitogen_transport_local::bootstrap::{self as stage1, FirstStage, Loader};
 use mitogen_transport_local::{LocalOptions, LocalTransport};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Lines of diagnostic output kept for errors.
@@ -47,9 +51,17 @@ pub enum Method {
 }
 
 impl Method {
-    fn transport(&self, arg0: String) -> Box<dyn Transport> {
+    fn transport(&self, arg0: String, image_hash: String) -> Box<dyn Transport> {
         match self {
-            Method::Local(o) => Box::new(LocalTransport::new(o.clone(), arg0)),
+            Method::Local(o) => Box::new(LocalTransport::new(o.clone(), arg0, image_hash)),
+        }
+    }
+
+    /// True if the child is started through the sh first stage (the image hash is then
+    /// needed before the start, for the cache).
+    fn through_first_stage(&self) -> bool {
+        match self {
+            Method::Local(o) => o.through_sh,
         }
     }
 
@@ -102,6 +114,16 @@ pub enum ConnectError {
         after: Duration,
         /// Its last lines of diagnostic output.
         output: Vec<String>,
+    },
+    /// The target cannot run the image: another OS or architecture. Nothing was sent.
+    #[error("the target runs {os} {arch}, but the agent image is for Linux {image_arch}")]
+    Unsupported {
+        /// `uname -s` of the target.
+        os: String,
+        /// `uname -m` of the target.
+        arch: String,
+        /// What the image was built for.
+        image_arch: String,
     },
     /// The child runs a different image than the one we started.
     #[error("agent build id mismatch: expected {expected}, child reports {got}")]
@@ -169,11 +191,22 @@ pub(crate) fn connect(
     inherited: &Inherited,
 ) -> Result<Context, ConnectError> {
     let deadline = Instant::now() + opts.connect_timeout;
-    let mut transport = method.transport(agent_arg0());
+    // The first stage needs the hash up front (cache key); otherwise it is computed while
+    // the child starts up.
+    let early = if method.through_first_stage() { Some(method.expected_build_id()?) } else { None };
+    let mut transport = method.transport(agent_arg0(), early.clone().unwrap_or_default());
     let conn = transport.start(deadline)?;
     let mut pending = Pending { conn: Some(conn) };
-    // Hashed while the child starts up.
-    let expected = method.expected_build_id()?;
+    let mut diag = DiagLines::default();
+    set_nonblocking(&pending.conn().read)?;
+    set_nonblocking(&pending.conn().write)?;
+    if let StartMode::FirstStage { token, image, cache } = pending.conn().bootstrap.clone() {
+        first_stage(&mut pending, deadline, &mut diag, opts.connect_timeout, &token, &image, cache)?;
+    }
+    let expected = match early {
+        Some(id) => id,
+        None => method.expected_build_id()?,
+    };
     let pid = pending.conn().process.as_ref().map_or(0, |c| c.id());
     let name = opts.name.clone().unwrap_or_else(|| {
         let own = format!("{}.{pid}", transport.method());
@@ -203,10 +236,7 @@ pub(crate) fn connect(
     m.src = cfg.router.id;
     m.auth = cfg.router.id;
     let frame = m.to_frame();
-    let mut diag = DiagLines::default();
-    if let Err(e) = std::fs::File::from(pending.conn().write.try_clone()?).write_all(&frame) {
-        return Err(pending.fail_exited(&mut diag, Some(e)));
-    }
+    write_all(&mut pending, &frame, deadline, &mut diag, opts.connect_timeout)?;
     let hello = read_hello(&mut pending, deadline, &mut diag, opts.connect_timeout)?;
     if hello.build_id != expected {
         pending.kill();
@@ -328,8 +358,119 @@ fn poll_one(fd: &OwnedFd, until: Instant) -> bool {
     r > 0
 }
 
-/// Reads the hello frame with exact-length reads (nothing beyond it is consumed), while
-/// collecting diagnostic output, until `deadline`.
+fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on a valid descriptor.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads at least one byte into `buf` from the child's stream before `deadline`, keeping
+/// its diagnostic output meanwhile. End of file: the child exited; deadline: killed.
+fn read_some(
+    p: &mut Pending,
+    buf: &mut [u8],
+    deadline: Instant,
+    diag: &mut DiagLines,
+    timeout: Duration,
+) -> Result<usize, ConnectError> {
+    loop {
+        match io_step(p, libc::POLLIN, deadline, diag, timeout)? {
+            false => continue,
+            true => {
+                let fd = p.conn().read.as_raw_fd();
+                // SAFETY: buf is valid for writes of its length.
+                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if n > 0 {
+                    return Ok(n as usize);
+                }
+                let err = std::io::Error::last_os_error();
+                if n < 0
+                    && matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted)
+                {
+                    continue;
+                }
+                return Err(p.fail_exited(diag, (n < 0).then_some(err)));
+            }
+        }
+    }
+}
+
+/// Writes all of `data` to the child before `deadline`, keeping its diagnostic output.
+fn write_all(
+    p: &mut Pending,
+    mut data: &[u8],
+    deadline: Instant,
+    diag: &mut DiagLines,
+    timeout: Duration,
+) -> Result<(), ConnectError> {
+    while !data.is_empty() {
+        if !io_step(p, libc::POLLOUT, deadline, diag, timeout)? {
+            continue;
+        }
+        let fd = p.conn().write.as_raw_fd();
+        let chunk = &data[..data.len().min(1 << 20)];
+        // SAFETY: chunk is valid for reads of its length.
+        let n = unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) };
+        if n > 0 {
+            data = &data[n as usize..];
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) {
+            continue;
+        }
+        return Err(p.fail_exited(diag, Some(err)));
+    }
+    Ok(())
+}
+
+/// Waits until the stream is ready for `events` (true) or only diagnostics moved (false).
+fn io_step(
+    p: &mut Pending,
+    events: libc::c_short,
+    deadline: Instant,
+    diag: &mut DiagLines,
+    timeout: Duration,
+) -> Result<bool, ConnectError> {
+    let conn = p.conn();
+    let fd = if events == libc::POLLIN { conn.read.as_raw_fd() } else { conn.write.as_raw_fd() };
+    let mut fds = vec![libc::pollfd { fd, events, revents: 0 }];
+    if let Some(d) = &conn.diag {
+        fds.push(libc::pollfd { fd: d.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+    }
+    let now = Instant::now();
+    if now >= deadline {
+        let output = diag.take();
+        p.kill();
+        return Err(ConnectError::Timeout { after: timeout, output });
+    }
+    let ms = (deadline - now).as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: fds is a valid array of pollfd.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(e.into()) };
+    }
+    if fds.len() > 1 && fds[1].revents != 0 {
+        let d = conn.diag.as_ref().expect("polled");
+        let mut buf = [0u8; 4096];
+        // SAFETY: buf is valid for writes.
+        let n = unsafe { libc::read(d.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            diag.push(&buf[..n as usize]);
+        } else {
+            // The child closed its stderr (normal once the agent captures it).
+            p.conn.as_mut().expect("pending").diag = None;
+        }
+    }
+    Ok(fds[0].revents != 0)
+}
+
+/// Reads the hello frame with exact-length reads (nothing beyond it is consumed).
 fn read_hello(
     p: &mut Pending,
     deadline: Instant,
@@ -338,94 +479,111 @@ fn read_hello(
 ) -> Result<Hello, ConnectError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
-    let mut body: Vec<u8> = Vec::new();
-    let mut body_got = 0;
-    let mut body_len = None;
-    loop {
-        let conn = p.conn();
-        let read_fd = conn.read.as_raw_fd();
-        let mut fds = vec![libc::pollfd { fd: read_fd, events: libc::POLLIN, revents: 0 }];
-        if let Some(d) = &conn.diag {
-            fds.push(libc::pollfd { fd: d.as_raw_fd(), events: libc::POLLIN, revents: 0 });
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            let output = diag.take();
-            p.kill();
-            return Err(ConnectError::Timeout { after: timeout, output });
-        }
-        let ms = (deadline - now).as_millis().clamp(1, i32::MAX as u128) as i32;
-        // SAFETY: fds is a valid array of pollfd.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e.into());
-        }
-        if fds.len() > 1 && fds[1].revents != 0 {
-            let d = conn.diag.as_ref().expect("polled");
-            let mut buf = [0u8; 4096];
-            // SAFETY: buf is valid for writes.
-            let n = unsafe { libc::read(d.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n > 0 {
-                diag.push(&buf[..n as usize]);
-            } else {
-                // The child closed its stderr (normal once the agent captures it).
-                p.conn.as_mut().expect("pending").diag = None;
-            }
-        }
-        if fds[0].revents == 0 {
-            continue;
-        }
-        let n = match body_len {
-            None => read_fd_into(read_fd, &mut header[got..]),
-            Some(_) => read_fd_into(read_fd, &mut body[body_got..]),
-        };
-        match n {
-            Ok(0) | Err(_) => return Err(p.fail_exited(diag, n.err())),
-            Ok(n) if body_len.is_none() => {
-                got += n;
-                if got == HEADER_LEN {
-                    let mut dec = Decoder::new(1 << 20);
-                    let mut out = Vec::new();
-                    dec.feed(&header, &mut out).map_err(|e| ConnectError::Protocol(e.to_string()))?;
-                    let len = u32::from_be_bytes([header[24], header[25], header[26], header[27]]) as usize;
-                    body = vec![0; len];
-                    body_len = Some(len);
-                }
-            }
-            Ok(n) => body_got += n,
-        }
-        if body_len == Some(body_got) {
-            let mut frame = header.to_vec();
-            frame.extend_from_slice(&body);
-            let mut out = Vec::new();
-            Decoder::new(1 << 20)
-                .feed(&frame, &mut out)
-                .map_err(|e| ConnectError::Protocol(e.to_string()))?;
-            let m = out.pop().ok_or_else(|| ConnectError::Protocol("no hello frame".into()))?;
-            if m.handle != ids::HELLO || m.kind != Kind::Value {
-                return Err(ConnectError::Protocol(format!("expected hello, got {m:?}")));
-            }
-            return decode_value::<Hello>(&m.data).map_err(|e| ConnectError::Protocol(e.to_string()));
-        }
+    while got < HEADER_LEN {
+        got += read_some(p, &mut header[got..], deadline, diag, timeout)?;
     }
+    let mut out = Vec::new();
+    Decoder::new(1 << 20).feed(&header, &mut out).map_err(|e| ConnectError::Protocol(e.to_string()))?;
+    let len = u32::from_be_bytes([header[24], header[25], header[26], header[27]]) as usize;
+    let mut frame = header.to_vec();
+    frame.resize(HEADER_LEN + len, 0);
+    let mut got = HEADER_LEN;
+    while got < frame.len() {
+        got += read_some(p, &mut frame[got..], deadline, diag, timeout)?;
+    }
+    let mut out = Vec::new();
+    Decoder::new(1 << 20).feed(&frame, &mut out).map_err(|e| ConnectError::Protocol(e.to_string()))?;
+    let m = out.pop().ok_or_else(|| ConnectError::Protocol("no hello frame".into()))?;
+    if m.handle != ids::HELLO || m.kind != Kind::Value {
+        return Err(ConnectError::Protocol(format!("expected hello, got {m:?}")));
+    }
+    decode_value::<Hello>(&m.data).map_err(|e| ConnectError::Protocol(e.to_string()))
 }
 
-fn read_fd_into(fd: i32, buf: &mut [u8]) -> std::io::Result<usize> {
-    loop {
-        // SAFETY: buf is valid for writes.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            return Ok(n as usize);
+/// Most output accepted before the marker line (banners, profile output).
+const MAX_PREAMBLE: usize = 64 * 1024;
+
+/// The first-stage dialogue: find the marker line, check the target, send the image.
+#[allow(clippy::too_many_arguments)]
+fn first_stage(
+    p: &mut Pending,
+    deadline: Instant,
+    diag: &mut DiagLines,
+    timeout: Duration,
+    token: &str,
+    image: &Path,
+    cache: bool,
+) -> Result<(), ConnectError> {
+    let stage = FirstStage { token: token.to_string(), hash: String::new(), argv0: String::new(), cache };
+    let mut seen = 0;
+    let report = loop {
+        // One byte at a time: nothing after the marker line may be consumed here.
+        let mut line = Vec::new();
+        loop {
+            let mut b = [0u8; 1];
+            read_some(p, &mut b, deadline, diag, timeout)?;
+            seen += 1;
+            if b[0] == b'\n' || seen > MAX_PREAMBLE {
+                break;
+            }
+            line.push(b[0]);
         }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
+        let text = String::from_utf8_lossy(&line).into_owned();
+        if let Some(r) = stage.parse(&text) {
+            break r;
         }
+        if seen > MAX_PREAMBLE {
+            p.kill();
+            return Err(ConnectError::Protocol(format!(
+                "no first-stage marker in {MAX_PREAMBLE} bytes of output"
+            )));
+        }
+        diag.keep(text);
+    };
+    let image_arch = stage1::image_arch();
+    if report.os != "Linux" || !stage1::arch_matches(image_arch, &report.arch) {
+        p.kill();
+        return Err(ConnectError::Unsupported {
+            os: report.os,
+            arch: report.arch,
+            image_arch: image_arch.into(),
+        });
     }
+    let loader = stage1::choose(&report);
+    let payload = if loader == Loader::Cached {
+        Arc::new(Vec::new())
+    } else {
+        image_payload(image, loader.encoding())?
+    };
+    log::debug!("first stage on {} {}: {loader:?}, {} bytes", report.os, report.arch, payload.len());
+    let line = stage1::answer(loader, payload.len(), &report.arch, cache);
+    write_all(p, line.as_bytes(), deadline, diag, timeout)?;
+    write_all(p, &payload, deadline, diag, timeout)
+}
+
+/// The image as sent for `encoding`, prepared once per image and kept while it is unchanged.
+fn image_payload(path: &Path, encoding: stage1::Encoding) -> Result<Arc<Vec<u8>>, ConnectError> {
+    type Key = (PathBuf, bool, u64, std::time::SystemTime);
+    static CACHE: OnceLock<Mutex<HashMap<Key, Arc<Vec<u8>>>>> = OnceLock::new();
+    let meta = std::fs::metadata(path)?;
+    let gz = encoding == stage1::Encoding::Gzip;
+    let key = (path.to_path_buf(), gz, meta.len(), meta.modified()?);
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(v) = cache.lock().unwrap().get(&key) {
+        return Ok(v.clone());
+    }
+    let raw = std::fs::read(path)?;
+    let bytes = if gz {
+        use std::io::Write as _;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&raw)?;
+        enc.finish()?
+    } else {
+        raw
+    };
+    let v = Arc::new(bytes);
+    cache.lock().unwrap().insert(key, v.clone());
+    Ok(v)
 }
 
 /// Request for an intermediary to connect a child itself (handle CONNECT).

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::process::Child;
 use std::time::Instant;
 
@@ -23,6 +24,27 @@ pub struct Connection {
     pub process: Option<Child>,
     /// A short description for errors and logs, e.g. the program path.
     pub description: String,
+    /// What the child expects before the message stream begins.
+    pub bootstrap: Bootstrap,
+}
+
+/// What a started child expects before the message stream begins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Bootstrap {
+    /// The agent itself was started: the bootstrap frame can be sent at once.
+    Direct,
+    /// A shell first stage was started: it prints a marker line carrying `token` (with
+    /// the OS, architecture and available loaders), then reads `image` from the stream and
+    /// executes it from memory. See `mitogen_transport_local::bootstrap`.
+    FirstStage {
+        /// Random per-connection token that makes the marker line unmistakable.
+        token: String,
+        /// The agent image to send.
+        image: PathBuf,
+        /// Whether the first stage may keep the image in the target's cache directory.
+        cache: bool,
+    },
 }
 
 /// Why a transport could not start its child.

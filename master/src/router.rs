@@ -163,6 +163,20 @@ impl Local {
         self
     }
 
+    /// Starts the agent the way sudo and ssh do: `sh -c <first stage>`, with the image sent
+    /// over the stream and executed from memory.
+    pub fn through_sh(mut self, on: bool) -> Local {
+        self.opts = self.opts.through_sh(on);
+        self
+    }
+
+    /// With [`Local::through_sh`]: keep the image in the user's cache directory, so later
+    /// connections send only its hash.
+    pub fn cache(mut self, on: bool) -> Local {
+        self.opts = self.opts.cache(on);
+        self
+    }
+
     /// Has `ctx` start the child itself; the new context's name is prefixed with `ctx`'s.
     pub fn via(mut self, ctx: &Context) -> Local {
         self.via = Some(ctx.clone());

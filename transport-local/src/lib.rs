@@ -6,7 +6,9 @@
 
 #![warn(missing_docs)]
 
-use mitogen_core::transport::{Connection, StartError, Transport};
+pub mod bootstrap;
+
+use mitogen_core::transport::{Bootstrap, Connection, StartError, Transport};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -27,6 +29,11 @@ pub struct LocalOptions {
     pub program: Option<PathBuf>,
     /// Extra environment variables for the agent.
     pub env: Vec<(OsString, OsString)>,
+    /// Start the agent the way sudo and ssh do: `sh -c <first stage>`, the image sent over
+    /// the stream and run from memory ([`bootstrap`]).
+    pub through_sh: bool,
+    /// With `through_sh`: keep the image in the user's cache directory and reuse it.
+    pub cache: bool,
 }
 
 impl LocalOptions {
@@ -47,6 +54,18 @@ impl LocalOptions {
         self
     }
 
+    /// Starts the agent through the `sh` first stage, as command-based methods do.
+    pub fn through_sh(mut self, on: bool) -> LocalOptions {
+        self.through_sh = on;
+        self
+    }
+
+    /// With [`LocalOptions::through_sh`]: use the image cache on the target.
+    pub fn cache(mut self, on: bool) -> LocalOptions {
+        self.cache = on;
+        self
+    }
+
     /// The program that will run: the named one or the current executable.
     pub fn resolved_program(&self) -> std::io::Result<PathBuf> {
         match &self.program {
@@ -62,12 +81,15 @@ pub struct LocalTransport {
     opts: LocalOptions,
     /// `argv[0]` the agent gets, so `ps` shows who started it.
     arg0: String,
+    /// Hash of the image, needed by the first stage (cache key).
+    image_hash: String,
 }
 
 impl LocalTransport {
-    /// A transport for `opts`; `arg0` is what `ps` will show for the agent.
-    pub fn new(opts: LocalOptions, arg0: impl Into<String>) -> LocalTransport {
-        LocalTransport { opts, arg0: arg0.into() }
+    /// A transport for `opts`; `arg0` is what `ps` will show for the agent; `image_hash`
+    /// is the build id of the image (used by the first stage's cache).
+    pub fn new(opts: LocalOptions, arg0: impl Into<String>, image_hash: impl Into<String>) -> LocalTransport {
+        LocalTransport { opts, arg0: arg0.into(), image_hash: image_hash.into() }
     }
 }
 
@@ -99,10 +121,24 @@ impl Transport for LocalTransport {
     fn start(&mut self, _deadline: Instant) -> Result<Connection, StartError> {
         let program = self.opts.resolved_program()?;
         let (ours, theirs) = socketpair()?;
-        let mut cmd = Command::new(&program);
-        cmd.arg0(&self.arg0)
-            .env(AGENT_ENV, "1")
-            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
+        let (mut cmd, boot) = if self.opts.through_sh {
+            let stage = bootstrap::FirstStage {
+                token: bootstrap::random_token(),
+                hash: self.image_hash.clone(),
+                argv0: self.arg0.clone(),
+                cache: self.opts.cache,
+            };
+            let mut cmd = Command::new("/bin/sh");
+            cmd.arg("-c").arg(stage.script());
+            let boot =
+                Bootstrap::FirstStage { token: stage.token, image: program.clone(), cache: self.opts.cache };
+            (cmd, boot)
+        } else {
+            let mut cmd = Command::new(&program);
+            cmd.arg0(&self.arg0).env(AGENT_ENV, "1");
+            (cmd, Bootstrap::Direct)
+        };
+        cmd.envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::from(theirs.try_clone()?))
             .stdout(Stdio::from(theirs))
             .stderr(Stdio::piped());
@@ -115,6 +151,7 @@ impl Transport for LocalTransport {
             diag,
             process: Some(child),
             description: program.display().to_string(),
+            bootstrap: boot,
         })
     }
 }

@@ -165,6 +165,7 @@ fn corrupt_and_oversized_frames_drop_the_stream() {
             diag: None,
             process: None,
             description: "test".into(),
+            bootstrap: mitogen_core::Bootstrap::Direct,
         };
         b.handle().add_stream(conn, 77, false, "peer").unwrap();
         assert_eq!(b.handle().stream_count(), 1);

@@ -1,5 +1,6 @@
 //! Integration tests over real processes. One binary; the modules:
 //!
+//! - `bootstrap`: the sh first stage: each loader, the cache, refusals
 //! - `calls`: typed calls, error and panic propagation, unknown functions, async, select
 //! - `faults`: killed children, SIGKILLed master, start failures, timeouts, limits, shutdown
 //! - `routing`: `via` chains, siblings, authority
@@ -9,6 +10,7 @@
 
 #![allow(clippy::disallowed_methods)]
 
+mod bootstrap;
 mod calls;
 mod faults;
 mod lifecycle;

@@ -1,0 +1,298 @@
+//! The first stage: how any method that starts a process through a command (sudo, su,
+//! doas, ssh, containers, and local "through sh") gets the agent running with nothing
+//! installed and nothing left behind.
+//!
+//! 1. The command line is one short POSIX `sh` program ([`FirstStage::script`], well under
+//!    1 KiB, only `[A-Za-z0-9]` values substituted, so it survives sudo's and ssh's quoting).
+//!    It prints one marker line, `MITO<token> <os> <arch> <cached> <loaders>`, where the
+//!    token is random per connection, so a banner, a prompt or profile output can never be
+//!    mistaken for it.
+//! 2. The master checks the OS and architecture against the image ([`arch_matches`]) and
+//!    refuses a mismatch before anything is sent or run. It answers with one line,
+//!    `<len> <encoding> <memfd syscall> <loader code>` ([`answer`]), which the shell reads
+//!    with `read` (one byte at a time: nothing beyond the line is consumed), then the image.
+//! 3. The loader reads exactly `len` bytes (never to end of file: the same stream becomes
+//!    the message stream) and executes the image from memory: `memfd_create` through perl
+//!    or python3, with `argv[0]` set so `ps` shows who started it; without either, a private
+//!    file on a tmpfs (tested for exec permission first) that is unlinked before the agent
+//!    runs. With the opt-in cache, the loader also keeps the image under
+//!    `${XDG_CACHE_HOME:-~/.cache}/mitogen/<hash>`, and the next connection sends no image.
+
+use std::fmt::Write as _;
+
+/// Prefix of the marker line.
+pub const MARKER: &str = "MITO";
+
+/// Exit codes of the first stage, for errors.
+pub const EXIT_NO_ANSWER: i32 = 90;
+/// No directory allowed executing a file (noexec everywhere) and no memfd loader.
+pub const EXIT_NO_EXEC_DIR: i32 = 91;
+
+/// How the image travels after the answer line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Encoding {
+    /// As is.
+    Raw,
+    /// gzip (deflate), decompressed by the python3 loader (zlib is always built in; perl's
+    /// zlib module is not part of `perl-base`, so perl gets the image raw).
+    Gzip,
+}
+
+impl Encoding {
+    fn word(self) -> &'static str {
+        match self {
+            Encoding::Raw => "raw",
+            Encoding::Gzip => "gz",
+        }
+    }
+}
+
+/// The parameters of one first stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstStage {
+    /// Random token carried by the marker line (hex).
+    pub token: String,
+    /// Hash of the image (hex), the cache key.
+    pub hash: String,
+    /// `argv[0]` for the agent (`[A-Za-z0-9@:._-]` only; other characters are dropped).
+    pub argv0: String,
+    /// Look up and fill the target's image cache.
+    pub cache: bool,
+}
+
+/// A random hex token from the kernel's generator.
+pub fn random_token() -> String {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom fills the buffer it is given.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // Fall back to something unique enough for a marker: time and pid.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        b = (t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)).to_le_bytes();
+    }
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
+
+fn safe(s: &str, extra: &[char]) -> String {
+    s.chars().filter(|c| c.is_ascii_alphanumeric() || extra.contains(c)).collect()
+}
+
+impl FirstStage {
+    /// The `sh -c` program (one argument).
+    pub fn script(&self) -> String {
+        let token = safe(&self.token, &[]);
+        let hash = safe(&self.hash, &[]);
+        let argv0 = safe(&self.argv0, &['@', ':', '.', '_', '-']);
+        let cache = u8::from(self.cache);
+        format!(
+            "T={token};H={hash};A={argv0};C=${{XDG_CACHE_HOME:-$HOME/.cache}}/mitogen;\
+             L=;for p in perl python3;do command -v $p >/dev/null 2>&1&&L=$L,$p;done;\
+             K=0;[ {cache} = 1 ]&&{{ [ -x \"$C/$H\" ]&&K=1||mkdir -p \"$C\" 2>/dev/null;}};\
+             echo \"{MARKER}$T $(uname -s) $(uname -m) $K ${{L#,}}\";\
+             read -r N E S X||exit {EXIT_NO_ANSWER};export MITOGEN_AGENT=1;eval \"$X\""
+        )
+    }
+
+    /// Parses one line of the child's output; `Some` only for our marker line.
+    pub fn parse(&self, line: &str) -> Option<Report> {
+        let rest = line.trim_end().strip_prefix(MARKER)?.strip_prefix(self.token.as_str())?;
+        let mut f = rest.strip_prefix(' ')?.split(' ');
+        let os = f.next()?.to_string();
+        let arch = f.next()?.to_string();
+        let cached = f.next()? == "1";
+        let loaders =
+            f.next().unwrap_or("").split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        Some(Report { os, arch, cached, loaders })
+    }
+}
+
+/// What the first stage reported about the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// `uname -s`, e.g. `Linux`.
+    pub os: String,
+    /// `uname -m`, e.g. `x86_64`.
+    pub arch: String,
+    /// The cache holds the image already.
+    pub cached: bool,
+    /// Loaders found: `perl`, `python3`.
+    pub loaders: Vec<String>,
+}
+
+/// The `uname -m` name of the architecture this program (and so its image) was built for.
+pub fn image_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86" => "i686",
+        "arm" => "armv7l",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+/// True if an image built for `image` (a [`image_arch`] name) runs on a `uname -m` of
+/// `target`.
+pub fn arch_matches(image: &str, target: &str) -> bool {
+    image == target
+        || (image == "i686" && matches!(target, "i386" | "i486" | "i586" | "i686"))
+        || (image == "armv7l" && target.starts_with("armv7"))
+        || (image == "aarch64" && target == "arm64")
+}
+
+/// The `memfd_create` system call number on `arch`, if known.
+pub fn memfd_syscall(arch: &str) -> Option<u32> {
+    Some(match arch {
+        "x86_64" => 319,
+        "aarch64" | "arm64" | "riscv64" => 279,
+        "i386" | "i486" | "i586" | "i686" => 356,
+        a if a.starts_with("armv7") => 385,
+        "s390x" => 350,
+        "ppc64le" | "ppc64" => 360,
+        _ => return None,
+    })
+}
+
+/// Which loader will run the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Loader {
+    /// The cached image is executed; nothing is sent.
+    Cached,
+    /// perl: memfd, `argv[0]` set.
+    Perl,
+    /// python3: memfd, `argv[0]` set.
+    Python,
+    /// Plain sh: a private, immediately unlinked file on a tmpfs.
+    TmpFile,
+}
+
+impl Loader {
+    /// The encoding this loader accepts.
+    pub fn encoding(self) -> Encoding {
+        match self {
+            Loader::Python => Encoding::Gzip,
+            Loader::Perl | Loader::Cached | Loader::TmpFile => Encoding::Raw,
+        }
+    }
+}
+
+/// Picks the loader for what the target reported.
+pub fn choose(report: &Report) -> Loader {
+    let memfd = memfd_syscall(&report.arch).is_some();
+    if report.cached {
+        Loader::Cached
+    } else if memfd && report.loaders.iter().any(|l| l == "perl") {
+        Loader::Perl
+    } else if memfd && report.loaders.iter().any(|l| l == "python3") {
+        Loader::Python
+    } else {
+        Loader::TmpFile
+    }
+}
+
+const PERL: &str = "($n,$e,$s,$a,$c,$p)=@ARGV;while(length$b<$n){sysread(STDIN,$b,$n-length$b,length$b)>0||die\"short image\\n\"}\
+if($c){open W,\">$p.$$\";print W $b;close W;chmod 0700,\"$p.$$\";rename\"$p.$$\",$p}\
+$m=\"mitogen\";$f=syscall($s+0,$m,1);$f>=0||die\"memfd_create: $!\\n\";open F,\">&=$f\";syswrite F,$b;exec{\"/proc/self/fd/$f\"}$a";
+
+const PYTHON: &str = "import os,sys,zlib\\nn,e,s,a,c,p=sys.argv[1:];n=int(n);b=bytearray()\\n\
+while len(b)<n:\\n r=os.read(0,n-len(b))\\n if not r:sys.exit(\\\"short image\\\")\\n b+=r\\n\
+if e==\\\"gz\\\":b=zlib.decompress(b,31)\\n\
+if c==\\\"1\\\":t=p+\\\".%d\\\"%os.getpid();open(t,\\\"wb\\\").write(b);os.chmod(t,448);os.rename(t,p)\\n\
+f=os.memfd_create(\\\"mitogen\\\",1);v=memoryview(b)\\nwhile v:v=v[os.write(f,v):]\\n\
+os.execv(\\\"/proc/self/fd/%d\\\"%f,[a])";
+
+/// The answer line (with its newline) for `loader` and an image of `len` bytes as sent.
+pub fn answer(loader: Loader, len: usize, arch: &str, cache: bool) -> String {
+    let s = memfd_syscall(arch).unwrap_or(0);
+    let c = u8::from(cache);
+    let e = loader.encoding().word();
+    let code = match loader {
+        Loader::Cached => "exec \"$C/$H\"".to_string(),
+        Loader::Perl => format!("exec perl -e '{PERL}' $N $E $S \"$A\" {c} \"$C/$H\""),
+        Loader::Python => format!("exec python3 -c 'exec(\"{PYTHON}\")' $N $E $S \"$A\" {c} \"$C/$H\""),
+        Loader::TmpFile => format!(
+            "for D in \"$XDG_RUNTIME_DIR\" /dev/shm /tmp \"$HOME\";do [ -d \"$D\" ]||continue;\
+             F=$(mktemp \"$D/.mitogen.XXXXXX\" 2>/dev/null)&&chmod 700 \"$F\"&&cp /bin/true \"$F\"&&\"$F\"&&break;\
+             rm -f \"$F\";F=;done;[ \"$F\" ]||exit {EXIT_NO_EXEC_DIR};\
+             dd bs=$N count=1 iflag=fullblock of=\"$F\" 2>/dev/null;exec 4<\"$F\";rm -f \"$F\";exec /proc/self/fd/4"
+        ),
+    };
+    let n = if loader == Loader::Cached { 0 } else { len };
+    format!("{n} {e} {s} {code}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage() -> FirstStage {
+        FirstStage {
+            token: "0123456789abcdef".into(),
+            hash: "f".repeat(32),
+            argv0: "mitogen:someuser@some-host.example:4194304".into(),
+            cache: true,
+        }
+    }
+
+    #[test]
+    fn command_line_is_short_and_quote_free() {
+        let s = stage().script();
+        assert!(s.len() <= 1024, "{} bytes", s.len());
+        assert!(!s.contains('\''), "single quotes would break sudo/ssh quoting");
+        assert!(!s.contains('\n'));
+    }
+
+    #[test]
+    fn only_our_marker_is_recognised() {
+        let st = stage();
+        let good = "MITO0123456789abcdef Linux x86_64 0 perl,python3\n";
+        assert_eq!(
+            st.parse(good),
+            Some(Report {
+                os: "Linux".into(),
+                arch: "x86_64".into(),
+                cached: false,
+                loaders: vec!["perl".into(), "python3".into()]
+            })
+        );
+        for bad in [
+            "MITOfedcba9876543210 Linux x86_64 0 perl",
+            "Password: MITO0123456789abcdef Linux x86_64 0 perl",
+            "MITO0123456789abcdefLinux x86_64 0 perl",
+            "Welcome! your password expires in 3 days",
+            "",
+        ] {
+            assert_eq!(st.parse(bad), None, "{bad:?}");
+        }
+        let none = st.parse("MITO0123456789abcdef Linux aarch64 1 ").unwrap();
+        assert!(none.loaders.is_empty() && none.cached);
+    }
+
+    #[test]
+    fn loader_choice_follows_the_report() {
+        let r = |cached, loaders: &[&str], arch: &str| Report {
+            os: "Linux".into(),
+            arch: arch.into(),
+            cached,
+            loaders: loaders.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(choose(&r(true, &["perl"], "x86_64")), Loader::Cached);
+        assert_eq!(choose(&r(false, &["perl", "python3"], "x86_64")), Loader::Perl);
+        assert_eq!(choose(&r(false, &["python3"], "x86_64")), Loader::Python);
+        assert_eq!(choose(&r(false, &[], "x86_64")), Loader::TmpFile);
+        // No known memfd syscall: fall back to the file.
+        assert_eq!(choose(&r(false, &["perl"], "mips")), Loader::TmpFile);
+    }
+
+    #[test]
+    fn arch_names() {
+        assert!(arch_matches("x86_64", "x86_64"));
+        assert!(!arch_matches("x86_64", "aarch64"));
+        assert!(arch_matches("i686", "i586"));
+        assert!(arch_matches("aarch64", "arm64"));
+        assert_eq!(answer(Loader::Cached, 123, "x86_64", false), "0 raw 319 exec \"$C/$H\"\n");
+    }
+}
