@@ -166,6 +166,7 @@ pub(crate) fn run(registry: Registry) -> Result<(), AgentError> {
         process: None,
         description: "parent".into(),
         bootstrap: mitogen_core::Bootstrap::Direct,
+        dialogue: None,
     };
     h.add_stream(conn, parent_id, true, "parent")?;
 

@@ -48,12 +48,28 @@ pub(crate) struct Hello {
 pub enum Method {
     /// A subprocess on the connecting context's host.
     Local(LocalOptions),
+    /// Another account on the connecting context's host, through sudo.
+    #[cfg(feature = "sudo")]
+    Sudo(mitogen_transport_sudo::SudoOptions),
 }
 
 impl Method {
     fn transport(&self, arg0: String, image_hash: String) -> Box<dyn Transport> {
         match self {
             Method::Local(o) => Box::new(LocalTransport::new(o.clone(), arg0, image_hash)),
+            #[cfg(feature = "sudo")]
+            Method::Sudo(o) => {
+                Box::new(mitogen_transport_sudo::SudoTransport::new(o.clone(), arg0, image_hash))
+            }
+        }
+    }
+
+    /// This hop's part of the context name.
+    fn own_name(&self, pid: u32) -> String {
+        match self {
+            Method::Local(_) => format!("local.{pid}"),
+            #[cfg(feature = "sudo")]
+            Method::Sudo(o) => format!("sudo.{}", o.username),
         }
     }
 
@@ -62,6 +78,8 @@ impl Method {
     fn through_first_stage(&self) -> bool {
         match self {
             Method::Local(o) => o.through_sh,
+            #[cfg(feature = "sudo")]
+            Method::Sudo(_) => true,
         }
     }
 
@@ -69,6 +87,11 @@ impl Method {
     fn expected_build_id(&self) -> std::io::Result<String> {
         match self {
             Method::Local(o) => match &o.program {
+                None => build_id::current().map(str::to_string),
+                Some(p) => build_id::of_image(p),
+            },
+            #[cfg(feature = "sudo")]
+            Method::Sudo(o) => match &o.program {
                 None => build_id::current().map(str::to_string),
                 Some(p) => build_id::of_image(p),
             },
@@ -139,6 +162,9 @@ pub enum ConnectError {
     /// The local broker refused the new stream (it is shutting down).
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The login dialogue failed: password required or incorrect, or refused.
+    #[error(transparent)]
+    Login(#[from] mitogen_core::LoginError),
     /// Connecting through an intermediary failed there.
     #[error("error on {via}: {message}")]
     Via {
@@ -209,7 +235,7 @@ pub(crate) fn connect(
     };
     let pid = pending.conn().process.as_ref().map_or(0, |c| c.id());
     let name = opts.name.clone().unwrap_or_else(|| {
-        let own = format!("{}.{pid}", transport.method());
+        let own = method.own_name(pid);
         match &inherited.name {
             Some(prefix) => format!("{prefix}.{own}"),
             None => own,
@@ -461,9 +487,31 @@ fn io_step(
         // SAFETY: buf is valid for writes.
         let n = unsafe { libc::read(d.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n > 0 {
-            diag.push(&buf[..n as usize]);
+            let bytes = &buf[..n as usize];
+            diag.push(bytes);
+            let step = match p.conn.as_mut().and_then(|c| c.dialogue.as_mut()) {
+                Some(d) => d.on_output(bytes),
+                None => mitogen_core::DialogueStep::Continue,
+            };
+            match step {
+                mitogen_core::DialogueStep::Write(answer) => {
+                    let fd = p.conn().diag.as_ref().expect("polled").as_raw_fd();
+                    // SAFETY: answer is valid for reads of its length. The answer is never
+                    // logged: it may be a password.
+                    let w = unsafe { libc::write(fd, answer.as_ptr().cast(), answer.len()) };
+                    if w != answer.len() as isize {
+                        return Err(std::io::Error::last_os_error().into());
+                    }
+                }
+                mitogen_core::DialogueStep::Fail(e) => {
+                    p.kill();
+                    return Err(e.into());
+                }
+                _ => {}
+            }
         } else {
-            // The child closed its stderr (normal once the agent captures it).
+            // The child closed its stderr (normal once the agent captures it), or the PTY
+            // reports EIO because the child is gone.
             p.conn.as_mut().expect("pending").diag = None;
         }
     }

@@ -31,4 +31,4 @@ pub use context::Context;
 pub use ids::{ContextId, Handle};
 pub use message::{DeadReason, Kind, Message};
 pub use router::{Router, RouterConfig};
-pub use transport::{Bootstrap, Connection, StartError, Transport};
+pub use transport::{Bootstrap, Connection, Dialogue, DialogueStep, LoginError, StartError, Transport};

@@ -26,6 +26,55 @@ pub struct Connection {
     pub description: String,
     /// What the child expects before the message stream begins.
     pub bootstrap: Bootstrap,
+    /// A login dialogue (password prompts) run on `diag` while the child starts; what it
+    /// answers is written to `diag` (a PTY).
+    pub dialogue: Option<Box<dyn Dialogue>>,
+}
+
+/// What a [`Dialogue`] wants after seeing some output.
+#[derive(Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DialogueStep {
+    /// Nothing to do yet.
+    Continue,
+    /// Write these bytes to the terminal (e.g. the password and a newline).
+    Write(Vec<u8>),
+    /// The login failed; stop.
+    Fail(LoginError),
+}
+
+/// Why a login dialogue failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoginError {
+    /// A password was asked for and none was configured.
+    #[error("a password is required ({method} asked for one and none was given)")]
+    PasswordRequired {
+        /// The method that asked (`sudo`, `su`, ...).
+        method: &'static str,
+    },
+    /// The password was refused (a second prompt, or an "incorrect password" message).
+    #[error("the {method} password was incorrect")]
+    PasswordIncorrect {
+        /// The method that refused it.
+        method: &'static str,
+    },
+    /// The method refused for another reason; the line says why.
+    #[error("{method} refused: {line}")]
+    Refused {
+        /// The method that refused.
+        method: &'static str,
+        /// Its message.
+        line: String,
+    },
+}
+
+/// A sans-IO login dialogue: fed the child's terminal output as it arrives (prompts may
+/// be split across reads and have no newline), it says what to answer. Implementations
+/// must never log or return the password except in [`DialogueStep::Write`].
+pub trait Dialogue: fmt::Debug + Send {
+    /// Feeds more output.
+    fn on_output(&mut self, bytes: &[u8]) -> DialogueStep;
 }
 
 /// What a started child expects before the message stream begins.

@@ -37,10 +37,14 @@ pub use mitogen_child::{
     builtins, current_broker, run_if_child, ConnectError, ConnectOptions, Method, Registry,
 };
 pub use mitogen_core::{
-    remote_fn, Bytes, CallError, Context, ContextId, DeadReason, Receiver, RemoteError, RemoteErrorKind,
-    RemoteFn, Select, Sender,
+    remote_fn, Bytes, CallError, Context, ContextId, DeadReason, LoginError, Receiver, RemoteError,
+    RemoteErrorKind, RemoteFn, Select, Sender,
 };
 pub use mitogen_transport_local::LocalOptions;
+#[cfg(feature = "sudo")]
+pub use mitogen_transport_sudo::SudoOptions;
+#[cfg(feature = "sudo")]
+pub use router::Sudo;
 pub use router::{run_with_router, Local, Router, RouterOptions};
 
 /// Lower-level pieces for transports and tools: the core crate.

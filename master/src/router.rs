@@ -116,6 +116,12 @@ impl Router {
         self.connect(Method::Local(spec.opts), &spec.common, spec.via.as_ref())
     }
 
+    /// Starts a context in another account through sudo (directly or through `via`).
+    #[cfg(feature = "sudo")]
+    pub fn sudo(&self, spec: Sudo) -> Result<Context, ConnectError> {
+        self.connect(Method::Sudo(spec.opts), &spec.common, spec.via.as_ref())
+    }
+
     /// Starts a context with any method, directly or through `via`.
     pub fn connect(
         &self,
@@ -202,4 +208,100 @@ pub fn run_with_router<T>(f: impl FnOnce(&Router) -> T) -> Result<T, BrokerError
     let out = f(&router);
     router.shutdown();
     Ok(out)
+}
+
+/// Builder for a sudo context: which account, how to authenticate, through which context.
+#[cfg(feature = "sudo")]
+#[derive(Debug, Clone, Default)]
+pub struct Sudo {
+    opts: mitogen_transport_sudo::SudoOptions,
+    common: ConnectOptions,
+    via: Option<Context>,
+}
+
+#[cfg(feature = "sudo")]
+impl Sudo {
+    /// sudo to root with no password, started by the master.
+    pub fn new() -> Sudo {
+        Sudo::default()
+    }
+
+    /// The target account.
+    pub fn username(mut self, user: impl Into<String>) -> Sudo {
+        self.opts.username = user.into();
+        self
+    }
+
+    /// The password to answer sudo's prompt with (never logged).
+    pub fn password(mut self, password: impl Into<String>) -> Sudo {
+        self.opts.password = Some(password.into());
+        self
+    }
+
+    /// `-E`: keep the environment.
+    pub fn preserve_env(mut self, on: bool) -> Sudo {
+        self.opts.preserve_env = on;
+        self
+    }
+
+    /// `-H`: set `HOME` to the target's.
+    pub fn set_home(mut self, on: bool) -> Sudo {
+        self.opts.set_home = on;
+        self
+    }
+
+    /// `-i`: run the target's login shell and profile.
+    pub fn login(mut self, on: bool) -> Sudo {
+        self.opts.login = on;
+        self
+    }
+
+    /// `-r` / `-t`: SELinux role and type.
+    pub fn selinux(mut self, role: Option<String>, kind: Option<String>) -> Sudo {
+        self.opts.selinux_role = role;
+        self.opts.selinux_type = kind;
+        self
+    }
+
+    /// The sudo program to run.
+    pub fn sudo_path(mut self, path: impl Into<std::path::PathBuf>) -> Sudo {
+        self.opts.sudo_path = path.into();
+        self
+    }
+
+    /// More arguments for sudo.
+    pub fn extra_args(mut self, args: Vec<String>) -> Sudo {
+        self.opts.extra_args = args;
+        self
+    }
+
+    /// Sends `program` as the agent image instead of the current executable.
+    pub fn program(mut self, program: impl Into<std::path::PathBuf>) -> Sudo {
+        self.opts.program = Some(program.into());
+        self
+    }
+
+    /// Keep the image in the target account's cache directory and reuse it.
+    pub fn cache(mut self, on: bool) -> Sudo {
+        self.opts.cache = on;
+        self
+    }
+
+    /// Has `ctx` run sudo itself.
+    pub fn via(mut self, ctx: &Context) -> Sudo {
+        self.via = Some(ctx.clone());
+        self
+    }
+
+    /// Bound on the whole connection, login included (default 30 s).
+    pub fn connect_timeout(mut self, t: Duration) -> Sudo {
+        self.common.connect_timeout = t;
+        self
+    }
+
+    /// Names the context instead of `sudo.<username>`.
+    pub fn name(mut self, name: impl Into<String>) -> Sudo {
+        self.common.name = Some(name.into());
+        self
+    }
 }

@@ -3,6 +3,7 @@
 
 #![allow(clippy::disallowed_methods)]
 
+pub mod accounts;
 pub mod sim;
 
 use mitogen::{Bytes, Context, Receiver, Sender};
@@ -139,6 +140,14 @@ mitogen::remote_fn! {
     }
 }
 
+mitogen::remote_fn! {
+    /// The agent's real and effective user ids.
+    pub fn uids() -> (u32, u32) {
+        // SAFETY: getuid/geteuid have no preconditions.
+        unsafe { (libc::getuid(), libc::geteuid()) }
+    }
+}
+
 /// The registry of the test agent.
 pub fn registry() -> mitogen::Registry {
     mitogen::Registry::new()
@@ -155,6 +164,7 @@ pub fn registry() -> mitogen::Registry {
         .register(read_inbox)
         .register(send_text)
         .register(call_other)
+        .register(uids)
 }
 
 /// Snapshot of this process's resources, for leak checks.

@@ -17,6 +17,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
+/// The running executable, also when it runs from a memfd or was deleted (an agent started
+/// by the first stage): `current_exe()` would name a path that cannot be executed.
+pub const SELF_EXE: &str = "/proc/self/exe";
+
 /// Environment variable that tells a program it was started as an agent. The agent
 /// runtime removes it at once, so the agent's own subprocesses do not inherit it.
 pub const AGENT_ENV: &str = "MITOGEN_AGENT";
@@ -70,7 +74,7 @@ impl LocalOptions {
     pub fn resolved_program(&self) -> std::io::Result<PathBuf> {
         match &self.program {
             Some(p) => Ok(p.clone()),
-            None => std::env::current_exe(),
+            None => Ok(PathBuf::from(SELF_EXE)),
         }
     }
 }
@@ -152,6 +156,7 @@ impl Transport for LocalTransport {
             process: Some(child),
             description: program.display().to_string(),
             bootstrap: boot,
+            dialogue: None,
         })
     }
 }
@@ -160,4 +165,79 @@ impl Transport for LocalTransport {
 pub fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
     #[allow(clippy::disallowed_methods)]
     cmd.output()
+}
+
+/// A pseudo-terminal: the master stays here, the slave becomes the child's stderr and
+/// controlling terminal (so password prompts appear on it).
+#[derive(Debug)]
+pub struct Pty {
+    /// Our side: prompts are read and answers written here.
+    pub master: OwnedFd,
+    /// The child's side.
+    pub slave: OwnedFd,
+}
+
+/// Opens a PTY with echo off, so nothing written to it (a password) is echoed back.
+pub fn open_pty() -> std::io::Result<Pty> {
+    use std::os::fd::AsRawFd;
+    let err = std::io::Error::last_os_error;
+    // SAFETY: plain calls on descriptors we own; ptsname_r gets a valid buffer.
+    unsafe {
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if m < 0 {
+            return Err(err());
+        }
+        let master = OwnedFd::from_raw_fd(m);
+        if libc::grantpt(m) != 0 || libc::unlockpt(m) != 0 {
+            return Err(err());
+        }
+        let mut name = [0 as libc::c_char; 128];
+        if libc::ptsname_r(m, name.as_mut_ptr(), name.len()) != 0 {
+            return Err(err());
+        }
+        let s = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if s < 0 {
+            return Err(err());
+        }
+        let slave = OwnedFd::from_raw_fd(s);
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 {
+            t.c_lflag &= !(libc::ECHO | libc::ECHONL);
+            libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
+        }
+        Ok(Pty { master, slave })
+    }
+}
+
+/// Starts `cmd` with its stdin and stdout on a socketpair (the message stream) and its
+/// stderr on a pipe, or with `pty`, on a PTY that is also its controlling terminal in a
+/// new session ("hybrid" TTY: data never crosses the small TTY buffers). Returns the child,
+/// our stream end, and the diagnostic fd (pipe or PTY master).
+pub fn spawn_hybrid(cmd: &mut Command, pty: bool) -> std::io::Result<(Child, OwnedFd, Option<OwnedFd>)> {
+    let (ours, theirs) = socketpair()?;
+    cmd.stdin(Stdio::from(theirs.try_clone()?)).stdout(Stdio::from(theirs));
+    let term = if pty { Some(open_pty()?) } else { None };
+    match &term {
+        Some(t) => {
+            cmd.stderr(Stdio::from(t.slave.try_clone()?));
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 || libc::ioctl(2, libc::TIOCSCTTY as _, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        None => {
+            cmd.stderr(Stdio::piped());
+        }
+    }
+    let mut child = spawn(cmd)?;
+    let diag = match term {
+        Some(t) => Some(t.master),
+        None => child.stderr.take().map(OwnedFd::from),
+    };
+    Ok((child, ours, diag))
 }

@@ -5,6 +5,7 @@
 //! - `faults`: killed children, SIGKILLed master, start failures, timeouts, limits, shutdown
 //! - `routing`: `via` chains, siblings, authority
 //! - `streams`: 256 MiB each way, byte for byte
+//! - `sudo`: real sudo with test accounts: passwords, via chains, requiretty, targetpw
 //! - `lifecycle`: create/shutdown cycles without leaks
 //! - `logs`: log records and stdio forwarded from children
 
@@ -17,6 +18,7 @@ mod lifecycle;
 mod logs;
 mod routing;
 mod streams;
+mod sudo;
 
 use mitogen::{Context, Local, Router};
 

@@ -1,0 +1,102 @@
+//! Test accounts for the sudo tests: `mitogen-test-*`, created only in CI (`CI=true`) or
+//! when asked (`MITOGEN_TEST_ACCOUNTS=1`), never on a developer's own accounts. Creation is
+//! idempotent and serialized across parallel test processes with a lock file.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+/// Password of [`USER_A`].
+pub const PW_A: &str = "mitogen-a-Pw1";
+/// Password of [`USER_B`].
+pub const PW_B: &str = "mitogen-b-Pw2";
+/// May sudo to B with its own password, and to C without one.
+pub const USER_A: &str = "mitogen-test-a";
+/// A plain target account.
+pub const USER_B: &str = "mitogen-test-b";
+/// A target reached without a password.
+pub const USER_C: &str = "mitogen-test-c";
+/// May sudo to B, but only with B's password (`targetpw`), and only from a tty.
+pub const USER_D: &str = "mitogen-test-d";
+/// Password of [`USER_D`].
+pub const PW_D: &str = "mitogen-d-Pw4";
+
+const SUDOERS: &str = "\
+Defaults:mitogen-test-a !lecture, passwd_tries=3
+Defaults:mitogen-test-d !lecture, targetpw, requiretty
+mitogen-test-a ALL=(mitogen-test-b) ALL
+mitogen-test-a ALL=(mitogen-test-c) NOPASSWD: ALL
+mitogen-test-d ALL=(mitogen-test-b) ALL
+";
+const VERSION: &str = "1";
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn user_exists(u: &str) -> bool {
+    Command::new("id").arg(u).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// Makes sure the test accounts and their sudoers rules exist. Panics with an explanation
+/// when that is not allowed or not possible: a sudo test must fail, not skip, without them.
+pub fn ensure() {
+    let allowed =
+        std::env::var("CI").is_ok_and(|v| v == "true") || std::env::var_os("MITOGEN_TEST_ACCOUNTS").is_some();
+    assert!(
+        allowed,
+        "the sudo tests need test accounts (mitogen-test-*); they are created only in CI (CI=true) \
+         or with MITOGEN_TEST_ACCOUNTS=1 (as root)"
+    );
+    if let Err(e) = setup() {
+        panic!("cannot set up the sudo test accounts: {e}");
+    }
+}
+
+fn setup() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("creating test accounts needs root".into());
+    }
+    let sudo_ok = Command::new("sudo").arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
+    if !sudo_ok {
+        return Err("sudo is not installed (.ci/run installs it)".into());
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/mitogen-test-accounts.lock")
+        .map_err(|e| e.to_string())?;
+    // SAFETY: flock on a file we keep open until the end of this function.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    let marker = "/etc/sudoers.d/mitogen-test";
+    if std::fs::read_to_string(marker).is_ok_and(|s| s.contains(&format!("# version {VERSION}"))) {
+        return Ok(());
+    }
+    for (user, pw) in [(USER_A, PW_A), (USER_B, PW_B), (USER_C, PW_B), (USER_D, PW_D)] {
+        if !user_exists(user) {
+            run(Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", user]))?;
+        }
+        let mut child = Command::new("chpasswd")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        writeln!(child.stdin.take().expect("piped"), "{user}:{pw}").map_err(|e| e.to_string())?;
+        let st = child.wait().map_err(|e| e.to_string())?;
+        if !st.success() {
+            return Err(format!("chpasswd {user}: {st}"));
+        }
+    }
+    let tmp = format!("{marker}.tmp");
+    std::fs::write(&tmp, format!("# version {VERSION}\n{SUDOERS}")).map_err(|e| e.to_string())?;
+    run(Command::new("chmod").args(["0440", &tmp]))?;
+    run(Command::new("visudo").args(["-c", "-q", "-f", &tmp]))?;
+    std::fs::rename(&tmp, marker).map_err(|e| e.to_string())?;
+    Ok(())
+}
