@@ -92,7 +92,7 @@ impl FirstStage {
             "T={token};H={hash};A={argv0};C=${{XDG_CACHE_HOME:-$HOME/.cache}}/mitogen;\
              L=;for p in perl python3;do command -v $p >/dev/null 2>&1&&L=$L,$p;done;\
              K=0;[ {cache} = 1 ]&&{{ [ -x \"$C/$H\" ]&&K=1||mkdir -p \"$C\" 2>/dev/null;}};\
-             echo \"{MARKER}$T $(uname -s) $(uname -m) $K ${{L#,}}\";\
+             echo \"{MARKER}$T $(uname -sm) $K ${{L#,}}\";\
              read -r N E S X||exit {EXIT_NO_ANSWER};export MITOGEN_AGENT=1;eval \"$X\""
         )
     }

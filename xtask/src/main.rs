@@ -1,12 +1,14 @@
 //! `cargo xtask <task>`: the project's build tasks.
 //!
 //! - `bench [--quick] [--reps N] [--json FILE] [--systems ours,mitogen,execnet]
-//!   [--refresh-peers]`: release-build the benchmark program, prepare a cached venv with
+//!   [--refresh-peers] [--sudo]`: release-build the benchmark program, prepare a cached venv with
 //!   the latest mitogen and execnet, run every workload for every system in fresh processes
 //!   (reps interleaved across systems, latency workloads also pinned to CPU 0), print one
 //!   table with medians, ranges, speed-ups, ratios to the physical floors and the targets.
 //! - `check-invariants`: the architecture invariants that can be checked mechanically.
 //! - `test`: every test (doc tests, then everything else under nextest).
+//! - `dist`: a static (`+crt-static`) stock agent that runs on any Linux of this
+//!   architecture, in `target/dist/`; checked to have no ELF interpreter.
 //! - `ci`: fmt check, clippy, invariants, docs, then `test`.
 
 #![allow(clippy::disallowed_methods)]
@@ -40,7 +42,8 @@ fn main() -> Result<()> {
         Some("check-invariants") => check_invariants(),
         Some("ci") => ci(),
         Some("test") => test(),
-        _ => bail!("usage: cargo xtask <test | bench [--quick] [--reps N] [--json FILE] [--systems LIST] | check-invariants | ci>"),
+        Some("dist") => dist(),
+        _ => bail!("usage: cargo xtask <test | dist | bench [--quick] [--reps N] [--json FILE] [--systems LIST] | check-invariants | ci>"),
     }
 }
 
@@ -59,6 +62,52 @@ fn test() -> Result<()> {
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))
+}
+
+/// Builds the static stock agent into `target/dist/mitogen-agent-<arch>-linux`.
+fn dist() -> Result<()> {
+    let out = Command::new("rustc").arg("-vV").output()?;
+    let host = String::from_utf8(out.stdout)?
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .context("rustc -vV printed no host")?;
+    // An explicit --target keeps build scripts and proc macros dynamic.
+    run(cargo()
+        .args(["build", "--release", "-p", "mitogen-child", "--bin", "mitogen-agent", "--target", &host])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
+    let built = root().join("target").join(&host).join("release/mitogen-agent");
+    let arch = host.split('-').next().unwrap_or("unknown");
+    let dir = root().join("target/dist");
+    std::fs::create_dir_all(&dir)?;
+    let dest = dir.join(format!("mitogen-agent-{arch}-linux"));
+    std::fs::copy(&built, &dest)?;
+    if has_interpreter(&std::fs::read(&dest)?)? {
+        bail!("{} is dynamically linked (it has an ELF interpreter)", dest.display());
+    }
+    let st = Command::new(&dest).output()?;
+    if st.status.code() != Some(2) || !String::from_utf8_lossy(&st.stderr).contains("mitogen-agent") {
+        bail!("{} does not run: {:?}", dest.display(), st);
+    }
+    println!("{}", dest.display());
+    Ok(())
+}
+
+/// True if a 64-bit little-endian ELF image has a PT_INTERP program header.
+fn has_interpreter(elf: &[u8]) -> Result<bool> {
+    if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 || elf[5] != 1 {
+        bail!("not a 64-bit little-endian ELF file");
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[32..40].try_into()?) as usize;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    for i in 0..phnum {
+        let o = phoff + i * phentsize;
+        let kind = u32::from_le_bytes(elf.get(o..o + 4).context("truncated ELF")?.try_into()?);
+        if kind == 3 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Architecture invariants (see ARCHITECTURE.md).
@@ -134,6 +183,15 @@ const WORKLOADS: &[(&str, bool)] = &[
     ("args-p2c", false),
     ("fanout-50", false),
     ("fanout-200", false),
+];
+
+/// Workloads that need real sudo and test accounts: run with `--sudo` (it creates the
+/// `mitogen-test-*` accounts, see tests/src/accounts.rs).
+const SUDO_WORKLOADS: &[(&str, bool)] = &[
+    ("floor-sudo", false),
+    ("sudo-lifecycle", false),
+    ("sudo-lifecycle-cached", false),
+    ("sudo-bootstrap", false),
 ];
 
 /// The systems compared: ours and the Python peers (bench/peers/*.py).
@@ -234,6 +292,7 @@ fn bench(args: &[String]) -> Result<()> {
     let mut json = None;
     let mut systems: Vec<String> = SYSTEMS.iter().map(|s| s.to_string()).collect();
     let mut refresh = false;
+    let mut with_sudo = false;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -251,7 +310,8 @@ fn bench(args: &[String]) -> Result<()> {
                 systems = args.get(i).context("--systems needs a list")?.split(',').map(str::to_string).collect();
             }
             "--refresh-peers" => refresh = true,
-            other => bail!("unknown bench option {other} (--quick, --reps N, --json FILE, --systems a,b, --refresh-peers)"),
+            "--sudo" => with_sudo = true,
+            other => bail!("unknown bench option {other} (--quick, --reps N, --json FILE, --systems a,b, --refresh-peers, --sudo)"),
         }
         i += 1;
     }
@@ -264,10 +324,16 @@ fn bench(args: &[String]) -> Result<()> {
 
     let mut results: Results = BTreeMap::new();
     let mut loads = Vec::new();
+    let mut workloads: Vec<(&str, bool)> = WORKLOADS.to_vec();
+    if with_sudo {
+        workloads.extend_from_slice(SUDO_WORKLOADS);
+    }
     for rep in 1..=reps {
-        for &(w, pinned) in WORKLOADS {
+        for &(w, pinned) in &workloads {
             for system in &systems {
-                if w.starts_with("floor-") && system != "ours" {
+                if (w.starts_with("floor-") || w == "sudo-bootstrap" || w == "sudo-lifecycle-cached")
+                    && system != "ours"
+                {
                     continue;
                 }
                 let mut cmd = if pinned {
@@ -289,6 +355,9 @@ fn bench(args: &[String]) -> Result<()> {
                 }
                 // Fairness: unbuffered stdio makes Mitogen read its bootstrap a byte at a time.
                 cmd.arg(w).env_remove("PYTHONUNBUFFERED");
+                if with_sudo {
+                    cmd.env("MITOGEN_TEST_ACCOUNTS", "1");
+                }
                 loads.push(wait_idle());
                 eprint!(
                     "\rrep {rep}/{reps}: {system} {w}{}                ",
@@ -452,6 +521,15 @@ fn judge(w: &str, m: &str, pinned: bool, v: f64, med: Lookup<'_>) -> (String, St
             (String::new(), join(vec![Some(verdict(v <= 600.0, "<= 600 ms")), faster("mitogen", 30.0)]))
         }
         ("fanout-200", "child-rss") => (String::new(), verdict(v <= 3.0, "<= 3 MiB")),
+        ("sudo-lifecycle", "median") | ("sudo-lifecycle-cached", "median") => {
+            let floor = med("ours", "floor-sudo", "median", false);
+            let extra = floor.map(|f| v - f);
+            (
+                extra.map(|e| format!("+{e:.2} ms")).unwrap_or_default(),
+                extra.map(|e| verdict(e <= 5.0, "within 5 ms of sudo -u USER true")).unwrap_or_default(),
+            )
+        }
+        ("sudo-bootstrap", "command-line") => (String::new(), verdict(v <= 1024.0, "<= 1 KiB")),
         _ => (String::new(), String::new()),
     }
 }

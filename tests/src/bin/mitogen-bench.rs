@@ -82,6 +82,10 @@ fn main() -> anyhow::Result<()> {
         "args-p2c" => args_p2c(),
         "fanout-50" => fanout(50),
         "fanout-200" => fanout(200),
+        "floor-sudo" => floor_sudo(),
+        "sudo-lifecycle" => sudo_lifecycle(false),
+        "sudo-lifecycle-cached" => sudo_lifecycle(true),
+        "sudo-bootstrap" => sudo_bootstrap(),
         _ => anyhow::bail!("unknown workload {w:?}"),
     }
 }
@@ -333,5 +337,73 @@ fn fanout(n: usize) -> anyhow::Result<()> {
     report(&w, "master-peak-rss", status_kib("self", "VmHWM") / 1024.0, "MiB");
     report(&w, "child-rss", rss / 1024.0, "MiB");
     report(&w, "child-uss", uss / 1024.0, "MiB");
+    Ok(())
+}
+
+const SUDO_USER: &str = mitogen_tests::accounts::USER_A;
+
+/// The floor for sudo: `sudo -u USER true`.
+fn floor_sudo() -> anyhow::Result<()> {
+    mitogen_tests::accounts::ensure();
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let st = std::process::Command::new("sudo").args(["-u", SUDO_USER, "true"]).status()?;
+        anyhow::ensure!(st.success(), "sudo -u {SUDO_USER} true: {st}");
+        samples.push(micros(t.elapsed()) / 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    report("floor-sudo", "median", pct(&samples, 0.5), "ms");
+    Ok(())
+}
+
+/// A sudo context: create, first call, shutdown; median of 20.
+fn sudo_lifecycle(cached: bool) -> anyhow::Result<()> {
+    mitogen_tests::accounts::ensure();
+    let r = Router::new()?;
+    mitogen_child::build_id::current()?;
+    // The cache lives in the target account's ~/.cache/mitogen.
+    let spec = || {
+        let s = mitogen::Sudo::new().username(SUDO_USER).connect_timeout(Duration::from_secs(30));
+        if cached {
+            s.cache(true)
+        } else {
+            s
+        }
+    };
+    if cached {
+        // Fill the target's cache once.
+        r.sudo(spec())?.shutdown(Duration::from_secs(10))?;
+    }
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let c = r.sudo(spec())?;
+        c.call(echo, (1,))?;
+        c.shutdown(Duration::from_secs(10))?;
+        samples.push(micros(t.elapsed()) / 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    let w = if cached { "sudo-lifecycle-cached" } else { "sudo-lifecycle" };
+    report(w, "median", pct(&samples, 0.5), "ms");
+    Ok(())
+}
+
+/// What the first stage costs on the wire: the command line, and the image sent to a fresh
+/// target (perl loader: raw) and to one with a cached image.
+fn sudo_bootstrap() -> anyhow::Result<()> {
+    use mitogen_transport_local::bootstrap::{answer, FirstStage, Loader};
+    let stage = FirstStage {
+        token: "0".repeat(16),
+        hash: "0".repeat(32),
+        argv0: format!("mitogen:{SUDO_USER}@localhost:{}", std::process::id()),
+        cache: true,
+    };
+    let image = std::fs::metadata("/proc/self/exe")?.len() as usize;
+    let fresh = answer(Loader::Perl, image, "x86_64", true).len() + image;
+    let cached = answer(Loader::Cached, image, "x86_64", true).len();
+    report("sudo-bootstrap", "command-line", stage.script().len() as f64, "bytes");
+    report("sudo-bootstrap", "sent-fresh", fresh as f64, "bytes");
+    report("sudo-bootstrap", "sent-cached", cached as f64, "bytes");
     Ok(())
 }
