@@ -51,6 +51,12 @@ pub enum Method {
     /// Another account on the connecting context's host, through sudo.
     #[cfg(feature = "sudo")]
     Sudo(mitogen_transport_sudo::SudoOptions),
+    /// Another account on the connecting context's host, through su.
+    #[cfg(feature = "sudo")]
+    Su(mitogen_transport_sudo::SuOptions),
+    /// Another account on the connecting context's host, through doas.
+    #[cfg(feature = "sudo")]
+    Doas(mitogen_transport_sudo::DoasOptions),
 }
 
 impl Method {
@@ -61,6 +67,12 @@ impl Method {
             Method::Sudo(o) => {
                 Box::new(mitogen_transport_sudo::SudoTransport::new(o.clone(), arg0, image_hash))
             }
+            #[cfg(feature = "sudo")]
+            Method::Su(o) => Box::new(mitogen_transport_sudo::SuTransport::new(o.clone(), arg0, image_hash)),
+            #[cfg(feature = "sudo")]
+            Method::Doas(o) => {
+                Box::new(mitogen_transport_sudo::DoasTransport::new(o.clone(), arg0, image_hash))
+            }
         }
     }
 
@@ -70,6 +82,10 @@ impl Method {
             Method::Local(_) => format!("local.{pid}"),
             #[cfg(feature = "sudo")]
             Method::Sudo(o) => format!("sudo.{}", o.username),
+            #[cfg(feature = "sudo")]
+            Method::Su(o) => format!("su.{}", o.username),
+            #[cfg(feature = "sudo")]
+            Method::Doas(o) => format!("doas.{}", o.username),
         }
     }
 
@@ -79,22 +95,24 @@ impl Method {
         match self {
             Method::Local(o) => o.through_sh,
             #[cfg(feature = "sudo")]
-            Method::Sudo(_) => true,
+            Method::Sudo(_) | Method::Su(_) | Method::Doas(_) => true,
         }
     }
 
     /// The build id the new agent must report.
     fn expected_build_id(&self) -> std::io::Result<String> {
-        match self {
-            Method::Local(o) => match &o.program {
-                None => build_id::current().map(str::to_string),
-                Some(p) => build_id::of_image(p),
-            },
+        let program = match self {
+            Method::Local(o) => &o.program,
             #[cfg(feature = "sudo")]
-            Method::Sudo(o) => match &o.program {
-                None => build_id::current().map(str::to_string),
-                Some(p) => build_id::of_image(p),
-            },
+            Method::Sudo(o) => &o.program,
+            #[cfg(feature = "sudo")]
+            Method::Su(o) => &o.program,
+            #[cfg(feature = "sudo")]
+            Method::Doas(o) => &o.program,
+        };
+        match program {
+            None => build_id::current().map(str::to_string),
+            Some(p) => build_id::of_image(p),
         }
     }
 }
@@ -493,9 +511,14 @@ fn io_step(
                 Some(d) => d.on_output(bytes),
                 None => mitogen_core::DialogueStep::Continue,
             };
-            match step {
-                mitogen_core::DialogueStep::Write(answer) => {
-                    let fd = p.conn().diag.as_ref().expect("polled").as_raw_fd();
+            match &step {
+                mitogen_core::DialogueStep::Write(answer)
+                | mitogen_core::DialogueStep::WriteInput(answer) => {
+                    let conn = p.conn();
+                    let fd = match (&step, &conn.diag) {
+                        (mitogen_core::DialogueStep::Write(_), Some(d)) => d.as_raw_fd(),
+                        _ => conn.write.as_raw_fd(),
+                    };
                     // SAFETY: answer is valid for reads of its length. The answer is never
                     // logged: it may be a password.
                     let w = unsafe { libc::write(fd, answer.as_ptr().cast(), answer.len()) };
@@ -505,7 +528,7 @@ fn io_step(
                 }
                 mitogen_core::DialogueStep::Fail(e) => {
                     p.kill();
-                    return Err(e.into());
+                    return Err(e.clone().into());
                 }
                 _ => {}
             }

@@ -27,7 +27,7 @@ pub struct Connection {
     /// What the child expects before the message stream begins.
     pub bootstrap: Bootstrap,
     /// A login dialogue (password prompts) run on `diag` while the child starts; what it
-    /// answers is written to `diag` (a PTY).
+    /// answers is written to `diag` (a PTY) or to `write` ([`DialogueStep::WriteInput`]).
     pub dialogue: Option<Box<dyn Dialogue>>,
 }
 
@@ -39,6 +39,9 @@ pub enum DialogueStep {
     Continue,
     /// Write these bytes to the terminal (e.g. the password and a newline).
     Write(Vec<u8>),
+    /// Write these bytes to the child's standard input, the message stream (for programs
+    /// that read the password from stdin, like util-linux `su`).
+    WriteInput(Vec<u8>),
     /// The login failed; stop.
     Fail(LoginError),
 }
@@ -71,7 +74,8 @@ pub enum LoginError {
 
 /// A sans-IO login dialogue: fed the child's terminal output as it arrives (prompts may
 /// be split across reads and have no newline), it says what to answer. Implementations
-/// must never log or return the password except in [`DialogueStep::Write`].
+/// must never log or return the password except in [`DialogueStep::Write`] or
+/// [`DialogueStep::WriteInput`].
 pub trait Dialogue: fmt::Debug + Send {
     /// Feeds more output.
     fn on_output(&mut self, bytes: &[u8]) -> DialogueStep;

@@ -42,10 +42,10 @@ pub use mitogen_core::{
 };
 pub use mitogen_transport_local::LocalOptions;
 #[cfg(feature = "sudo")]
-pub use mitogen_transport_sudo::SudoOptions;
-#[cfg(feature = "sudo")]
-pub use router::Sudo;
+pub use mitogen_transport_sudo::{DoasOptions, SuOptions, SudoOptions};
 pub use router::{run_with_router, Local, Router, RouterOptions};
+#[cfg(feature = "sudo")]
+pub use router::{Doas, Su, Sudo};
 
 /// Lower-level pieces for transports and tools: the core crate.
 pub use mitogen_core as core_api;

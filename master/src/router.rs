@@ -122,6 +122,18 @@ impl Router {
         self.connect(Method::Sudo(spec.opts), &spec.common, spec.via.as_ref())
     }
 
+    /// Starts a context in another account through su (directly or through `via`).
+    #[cfg(feature = "sudo")]
+    pub fn su(&self, spec: Su) -> Result<Context, ConnectError> {
+        self.connect(Method::Su(spec.opts), &spec.common, spec.via.as_ref())
+    }
+
+    /// Starts a context in another account through doas (directly or through `via`).
+    #[cfg(feature = "sudo")]
+    pub fn doas(&self, spec: Doas) -> Result<Context, ConnectError> {
+        self.connect(Method::Doas(spec.opts), &spec.common, spec.via.as_ref())
+    }
+
     /// Starts a context with any method, directly or through `via`.
     pub fn connect(
         &self,
@@ -183,6 +195,12 @@ impl Local {
         self
     }
 
+    /// Carries messages over two pipes instead of a socketpair.
+    pub fn pipes(mut self, on: bool) -> Local {
+        self.opts = self.opts.pipes(on);
+        self
+    }
+
     /// Has `ctx` start the child itself; the new context's name is prefixed with `ctx`'s.
     pub fn via(mut self, ctx: &Context) -> Local {
         self.via = Some(ctx.clone());
@@ -210,6 +228,74 @@ pub fn run_with_router<T>(f: impl FnOnce(&Router) -> T) -> Result<T, BrokerError
     Ok(out)
 }
 
+/// The builder methods every account-changing method (sudo, su, doas) shares.
+#[cfg(feature = "sudo")]
+macro_rules! account_builder {
+    ($ty:ident, $method:literal) => {
+        impl $ty {
+            #[doc = concat!("", $method, " to root with no password, started by the master.")]
+            pub fn new() -> $ty {
+                $ty::default()
+            }
+
+            /// The target account.
+            pub fn username(mut self, user: impl Into<String>) -> $ty {
+                self.opts.username = user.into();
+                self
+            }
+
+            #[doc = concat!("The password to answer ", $method, "'s prompt with (never logged).")]
+            pub fn password(mut self, password: impl Into<String>) -> $ty {
+                self.opts.password = Some(password.into());
+                self
+            }
+
+            #[doc = concat!("More arguments for ", $method, ".")]
+            pub fn extra_args(mut self, args: Vec<String>) -> $ty {
+                self.opts.extra_args = args;
+                self
+            }
+
+            /// Sends `program` as the agent image instead of the current executable (for
+            /// instance the static agent of `cargo xtask dist`).
+            pub fn program(mut self, program: impl Into<std::path::PathBuf>) -> $ty {
+                self.opts.program = Some(program.into());
+                self
+            }
+
+            /// Keep the image in the target account's cache directory and reuse it.
+            pub fn cache(mut self, on: bool) -> $ty {
+                self.opts.cache = on;
+                self
+            }
+
+            /// Carry messages over pipes instead of a socketpair.
+            pub fn pipes(mut self, on: bool) -> $ty {
+                self.opts.pipes = on;
+                self
+            }
+
+            #[doc = concat!("Has `ctx` run ", $method, " itself.")]
+            pub fn via(mut self, ctx: &Context) -> $ty {
+                self.via = Some(ctx.clone());
+                self
+            }
+
+            /// Bound on the whole connection, login included (default 30 s).
+            pub fn connect_timeout(mut self, t: Duration) -> $ty {
+                self.common.connect_timeout = t;
+                self
+            }
+
+            #[doc = concat!("Names the context instead of `", $method, ".<username>`.")]
+            pub fn name(mut self, name: impl Into<String>) -> $ty {
+                self.common.name = Some(name.into());
+                self
+            }
+        }
+    };
+}
+
 /// Builder for a sudo context: which account, how to authenticate, through which context.
 #[cfg(feature = "sudo")]
 #[derive(Debug, Clone, Default)]
@@ -220,24 +306,10 @@ pub struct Sudo {
 }
 
 #[cfg(feature = "sudo")]
+account_builder!(Sudo, "sudo");
+
+#[cfg(feature = "sudo")]
 impl Sudo {
-    /// sudo to root with no password, started by the master.
-    pub fn new() -> Sudo {
-        Sudo::default()
-    }
-
-    /// The target account.
-    pub fn username(mut self, user: impl Into<String>) -> Sudo {
-        self.opts.username = user.into();
-        self
-    }
-
-    /// The password to answer sudo's prompt with (never logged).
-    pub fn password(mut self, password: impl Into<String>) -> Sudo {
-        self.opts.password = Some(password.into());
-        self
-    }
-
     /// `-E`: keep the environment.
     pub fn preserve_env(mut self, on: bool) -> Sudo {
         self.opts.preserve_env = on;
@@ -268,40 +340,76 @@ impl Sudo {
         self.opts.sudo_path = path.into();
         self
     }
+}
 
-    /// More arguments for sudo.
-    pub fn extra_args(mut self, args: Vec<String>) -> Sudo {
-        self.opts.extra_args = args;
+/// Builder for a su context (util-linux su or compatible).
+#[cfg(feature = "sudo")]
+#[derive(Debug, Clone, Default)]
+pub struct Su {
+    opts: mitogen_transport_sudo::SuOptions,
+    common: ConnectOptions,
+    via: Option<Context>,
+}
+
+#[cfg(feature = "sudo")]
+account_builder!(Su, "su");
+
+#[cfg(feature = "sudo")]
+impl Su {
+    /// `-l`: a login shell, profiles run.
+    pub fn login(mut self, on: bool) -> Su {
+        self.opts.login = on;
         self
     }
 
-    /// Sends `program` as the agent image instead of the current executable.
-    pub fn program(mut self, program: impl Into<std::path::PathBuf>) -> Sudo {
-        self.opts.program = Some(program.into());
+    /// The su program to run.
+    pub fn su_path(mut self, path: impl Into<std::path::PathBuf>) -> Su {
+        self.opts.su_path = path.into();
         self
     }
 
-    /// Keep the image in the target account's cache directory and reuse it.
-    pub fn cache(mut self, on: bool) -> Sudo {
-        self.opts.cache = on;
+    /// Texts that end the password prompt (any case), replacing the defaults.
+    pub fn password_prompts(mut self, texts: Vec<String>) -> Su {
+        self.opts.password_prompts = texts;
         self
     }
 
-    /// Has `ctx` run sudo itself.
-    pub fn via(mut self, ctx: &Context) -> Sudo {
-        self.via = Some(ctx.clone());
+    /// Texts that mean the password was wrong, replacing the defaults.
+    pub fn incorrect_prompts(mut self, texts: Vec<String>) -> Su {
+        self.opts.incorrect_prompts = texts;
+        self
+    }
+}
+
+/// Builder for a doas context (OpenBSD doas or OpenDoas).
+#[cfg(feature = "sudo")]
+#[derive(Debug, Clone, Default)]
+pub struct Doas {
+    opts: mitogen_transport_sudo::DoasOptions,
+    common: ConnectOptions,
+    via: Option<Context>,
+}
+
+#[cfg(feature = "sudo")]
+account_builder!(Doas, "doas");
+
+#[cfg(feature = "sudo")]
+impl Doas {
+    /// The doas program to run.
+    pub fn doas_path(mut self, path: impl Into<std::path::PathBuf>) -> Doas {
+        self.opts.doas_path = path.into();
         self
     }
 
-    /// Bound on the whole connection, login included (default 30 s).
-    pub fn connect_timeout(mut self, t: Duration) -> Sudo {
-        self.common.connect_timeout = t;
+    /// Texts that end the password prompt (any case), replacing the defaults.
+    pub fn password_prompts(mut self, texts: Vec<String>) -> Doas {
+        self.opts.password_prompts = texts;
         self
     }
 
-    /// Names the context instead of `sudo.<username>`.
-    pub fn name(mut self, name: impl Into<String>) -> Sudo {
-        self.common.name = Some(name.into());
+    /// Texts that mean the password was wrong, replacing the defaults.
+    pub fn incorrect_prompts(mut self, texts: Vec<String>) -> Doas {
+        self.opts.incorrect_prompts = texts;
         self
     }
 }

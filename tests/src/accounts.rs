@@ -20,6 +20,22 @@ pub const USER_C: &str = "mitogen-test-c";
 pub const USER_D: &str = "mitogen-test-d";
 /// Password of [`USER_D`].
 pub const PW_D: &str = "mitogen-d-Pw4";
+/// Its login profile sleeps for a minute (connect timeouts with `login`).
+pub const USER_E: &str = "mitogen-test-e";
+/// Its home is read-only and its login profile prints "Permission denied" and a line
+/// containing "password".
+pub const USER_F: &str = "mitogen-test-f";
+
+/// The rules for doas (OpenDoas has no drop-in directory: this block goes into
+/// /etc/doas.conf between markers).
+const DOAS: &str = "\
+permit nopass root
+permit mitogen-test-a as mitogen-test-b
+";
+const DOAS_BEGIN: &str = "# BEGIN mitogen-test";
+const DOAS_END: &str = "# END mitogen-test";
+const PROFILE_E: &str = "sleep 60\n";
+const PROFILE_F: &str = "echo 'Permission denied'\necho 'Your password: expires in 3 days'\n";
 
 const SUDOERS: &str = "\
 Defaults:mitogen-test-a !lecture, passwd_tries=3
@@ -28,7 +44,7 @@ mitogen-test-a ALL=(mitogen-test-b) ALL
 mitogen-test-a ALL=(mitogen-test-c) NOPASSWD: ALL
 mitogen-test-d ALL=(mitogen-test-b) ALL
 ";
-const VERSION: &str = "1";
+const VERSION: &str = "2";
 
 fn run(cmd: &mut Command) -> Result<(), String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
@@ -76,10 +92,15 @@ fn setup() -> Result<(), String> {
     // SAFETY: flock on a file we keep open until the end of this function.
     unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
     let marker = "/etc/sudoers.d/mitogen-test";
-    if std::fs::read_to_string(marker).is_ok_and(|s| s.contains(&format!("# version {VERSION}"))) {
+    let doas_done = which("doas").is_err()
+        || std::fs::read_to_string("/etc/doas.conf").is_ok_and(|s| s.contains(DOAS_BEGIN));
+    if doas_done && std::fs::read_to_string(marker).is_ok_and(|s| s.contains(&format!("# version {VERSION}")))
+    {
         return Ok(());
     }
-    for (user, pw) in [(USER_A, PW_A), (USER_B, PW_B), (USER_C, PW_B), (USER_D, PW_D)] {
+    for (user, pw) in
+        [(USER_A, PW_A), (USER_B, PW_B), (USER_C, PW_B), (USER_D, PW_D), (USER_E, PW_B), (USER_F, PW_B)]
+    {
         if !user_exists(user) {
             run(Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", user]))?;
         }
@@ -93,10 +114,64 @@ fn setup() -> Result<(), String> {
             return Err(format!("chpasswd {user}: {st}"));
         }
     }
+    for (user, profile) in [(USER_E, PROFILE_E), (USER_F, PROFILE_F)] {
+        let home = format!("/home/{user}");
+        std::fs::write(format!("{home}/.profile"), profile).map_err(|e| e.to_string())?;
+        run(Command::new("chown").args([&format!("root:{user}"), &format!("{home}/.profile")]))?;
+        run(Command::new("chmod").args(["0644", &format!("{home}/.profile")]))?;
+    }
+    // F's home: owned by root, not writable by F (no cache directory can be made there).
+    run(Command::new("chown").args(["root:root", &format!("/home/{USER_F}")]))?;
+    run(Command::new("chmod").args(["0755", &format!("/home/{USER_F}")]))?;
+    setup_doas()?;
     let tmp = format!("{marker}.tmp");
     std::fs::write(&tmp, format!("# version {VERSION}\n{SUDOERS}")).map_err(|e| e.to_string())?;
     run(Command::new("chmod").args(["0440", &tmp]))?;
     run(Command::new("visudo").args(["-c", "-q", "-f", &tmp]))?;
     std::fs::rename(&tmp, marker).map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Puts the test block into /etc/doas.conf (replacing an older one), if doas is installed.
+fn setup_doas() -> Result<(), String> {
+    let Ok(path) = which("doas") else { return Ok(()) };
+    let conf = "/etc/doas.conf";
+    let old = std::fs::read_to_string(conf).unwrap_or_default();
+    let mut kept = String::new();
+    let mut inside = false;
+    for line in old.lines() {
+        match line {
+            DOAS_BEGIN => inside = true,
+            DOAS_END => inside = false,
+            l if !inside => {
+                kept.push_str(l);
+                kept.push('\n');
+            }
+            _ => {}
+        }
+    }
+    let new = format!("{kept}{DOAS_BEGIN}\n{DOAS}{DOAS_END}\n");
+    let tmp = format!("{conf}.mitogen-tmp");
+    std::fs::write(&tmp, new).map_err(|e| e.to_string())?;
+    run(Command::new("chmod").args(["0400", &tmp]))?;
+    run(Command::new(path).args(["-C", &tmp]))?;
+    std::fs::rename(&tmp, conf).map_err(|e| e.to_string())
+}
+
+/// The path of `program` on `PATH`.
+fn which(program: &str) -> Result<String, String> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| format!("{d}/{program}"))
+        .find(|p| std::path::Path::new(p).is_file())
+        .ok_or_else(|| format!("{program} is not installed"))
+}
+
+/// Like [`ensure`], and also fails (with an explanation) when doas is not installed.
+pub fn ensure_doas() {
+    ensure();
+    if let Err(e) = which("doas") {
+        panic!("the doas tests need OpenDoas ({e}; .ci/run installs the opendoas package)");
+    }
 }

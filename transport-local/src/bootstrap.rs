@@ -11,9 +11,11 @@
 //!    refuses a mismatch before anything is sent or run. It answers with one line,
 //!    `<len> <encoding> <memfd syscall> <loader code>` ([`answer`]), which the shell reads
 //!    with `read` (one byte at a time: nothing beyond the line is consumed), then the image.
+//!    A non-blocking stdin makes `read` fail at once: the shell retries ten times a second,
+//!    for at most 30 s (no spinning; a closed stdin ends it after that bound).
 //! 3. The loader reads exactly `len` bytes (never to end of file: the same stream becomes
 //!    the message stream) and executes the image from memory: `memfd_create` through perl
-//!    or python3, with `argv[0]` set so `ps` shows who started it; without either, a private
+//!    or python3 (which first make stdin blocking), with `argv[0]` set so `ps` shows who started it; without either, a private
 //!    file on a tmpfs (tested for exec permission first) that is unlinked before the agent
 //!    runs. With the opt-in cache, the loader also keeps the image under
 //!    `${XDG_CACHE_HOME:-~/.cache}/mitogen/<hash>`, and the next connection sends no image.
@@ -93,7 +95,8 @@ impl FirstStage {
              L=;for p in perl python3;do command -v $p >/dev/null 2>&1&&L=$L,$p;done;\
              K=0;[ {cache} = 1 ]&&{{ [ -x \"$C/$H\" ]&&K=1||mkdir -p \"$C\" 2>/dev/null;}};\
              echo \"{MARKER}$T $(uname -sm) $K ${{L#,}}\";\
-             read -r N E S X||exit {EXIT_NO_ANSWER};export MITOGEN_AGENT=1;eval \"$X\""
+             i=0;until read -r N E S X;do [ $((i+=1)) -gt 300 ]&&exit {EXIT_NO_ANSWER};sleep .1;done;\
+             export MITOGEN_AGENT=1;eval \"$X\""
         )
     }
 
@@ -193,11 +196,12 @@ pub fn choose(report: &Report) -> Loader {
     }
 }
 
-const PERL: &str = "($n,$e,$s,$a,$c,$p)=@ARGV;while(length$b<$n){sysread(STDIN,$b,$n-length$b,length$b)>0||die\"short image\\n\"}\
+const PERL: &str = "use Fcntl;fcntl(STDIN,F_SETFL,fcntl(STDIN,F_GETFL,0)&~O_NONBLOCK);($n,$e,$s,$a,$c,$p)=@ARGV;while(length$b<$n){sysread(STDIN,$b,$n-length$b,length$b)>0||die\"short image\\n\"}\
 if($c){open W,\">$p.$$\";print W $b;close W;chmod 0700,\"$p.$$\";rename\"$p.$$\",$p}\
 $m=\"mitogen\";$f=syscall($s+0,$m,1);$f>=0||die\"memfd_create: $!\\n\";open F,\">&=$f\";syswrite F,$b;exec{\"/proc/self/fd/$f\"}$a";
 
-const PYTHON: &str = "import os,sys,zlib\\nn,e,s,a,c,p=sys.argv[1:];n=int(n);b=bytearray()\\n\
+const PYTHON: &str =
+    "import os,sys,zlib\\nos.set_blocking(0,True);n,e,s,a,c,p=sys.argv[1:];n=int(n);b=bytearray()\\n\
 while len(b)<n:\\n r=os.read(0,n-len(b))\\n if not r:sys.exit(\\\"short image\\\")\\n b+=r\\n\
 if e==\\\"gz\\\":b=zlib.decompress(b,31)\\n\
 if c==\\\"1\\\":t=p+\\\".%d\\\"%os.getpid();open(t,\\\"wb\\\").write(b);os.chmod(t,448);os.rename(t,p)\\n\

@@ -38,6 +38,8 @@ pub struct LocalOptions {
     pub through_sh: bool,
     /// With `through_sh`: keep the image in the user's cache directory and reuse it.
     pub cache: bool,
+    /// Carry messages over two pipes instead of a socketpair.
+    pub pipes: bool,
 }
 
 impl LocalOptions {
@@ -67,6 +69,12 @@ impl LocalOptions {
     /// With [`LocalOptions::through_sh`]: use the image cache on the target.
     pub fn cache(mut self, on: bool) -> LocalOptions {
         self.cache = on;
+        self
+    }
+
+    /// Carries messages over two pipes instead of a socketpair.
+    pub fn pipes(mut self, on: bool) -> LocalOptions {
+        self.pipes = on;
         self
     }
 
@@ -124,7 +132,6 @@ impl Transport for LocalTransport {
 
     fn start(&mut self, _deadline: Instant) -> Result<Connection, StartError> {
         let program = self.opts.resolved_program()?;
-        let (ours, theirs) = socketpair()?;
         let (mut cmd, boot) = if self.opts.through_sh {
             let stage = bootstrap::FirstStage {
                 token: bootstrap::random_token(),
@@ -142,16 +149,13 @@ impl Transport for LocalTransport {
             cmd.arg0(&self.arg0).env(AGENT_ENV, "1");
             (cmd, Bootstrap::Direct)
         };
-        cmd.envs(self.opts.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::from(theirs.try_clone()?))
-            .stdout(Stdio::from(theirs))
-            .stderr(Stdio::piped());
-        let mut child = spawn(&mut cmd)
+        cmd.envs(self.opts.env.iter().map(|(k, v)| (k, v)));
+        let data = if self.opts.pipes { DataChannel::Pipes } else { DataChannel::SocketPair };
+        let (child, stream, diag) = spawn_hybrid(&mut cmd, false, data)
             .map_err(|source| StartError::Spawn { program: program.display().to_string(), source })?;
-        let diag = child.stderr.take().map(OwnedFd::from);
         Ok(Connection {
-            read: ours.try_clone()?,
-            write: ours,
+            read: stream.read,
+            write: stream.write,
             diag,
             process: Some(child),
             description: program.display().to_string(),
@@ -209,13 +213,59 @@ pub fn open_pty() -> std::io::Result<Pty> {
     }
 }
 
-/// Starts `cmd` with its stdin and stdout on a socketpair (the message stream) and its
-/// stderr on a pipe, or with `pty`, on a PTY that is also its controlling terminal in a
-/// new session ("hybrid" TTY: data never crosses the small TTY buffers). Returns the child,
-/// our stream end, and the diagnostic fd (pipe or PTY master).
-pub fn spawn_hybrid(cmd: &mut Command, pty: bool) -> std::io::Result<(Child, OwnedFd, Option<OwnedFd>)> {
-    let (ours, theirs) = socketpair()?;
-    cmd.stdin(Stdio::from(theirs.try_clone()?)).stdout(Stdio::from(theirs));
+/// What carries the message stream between a started child and us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum DataChannel {
+    /// One `AF_UNIX` socketpair for stdin and stdout (the default).
+    #[default]
+    SocketPair,
+    /// Two pipes, for programs or policies that refuse a socket as stdin/stdout.
+    Pipes,
+}
+
+/// Our ends of a child's message stream.
+#[derive(Debug)]
+pub struct StreamFds {
+    /// Read the child's stdout here.
+    pub read: OwnedFd,
+    /// Write the child's stdin here.
+    pub write: OwnedFd,
+}
+
+/// Makes a pipe with close-on-exec set on both ends: (read end, write end).
+pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid 2-element array for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two fresh descriptors that we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Starts `cmd` with its stdin and stdout on `data` (the message stream) and its stderr on
+/// a pipe, or with `pty`, on a PTY that is also its controlling terminal in a new session
+/// ("hybrid" TTY: data never crosses the small TTY buffers). Returns the child, our ends of
+/// the stream, and the diagnostic fd (pipe or PTY master).
+pub fn spawn_hybrid(
+    cmd: &mut Command,
+    pty: bool,
+    data: DataChannel,
+) -> std::io::Result<(Child, StreamFds, Option<OwnedFd>)> {
+    let stream = match data {
+        DataChannel::SocketPair => {
+            let (ours, theirs) = socketpair()?;
+            cmd.stdin(Stdio::from(theirs.try_clone()?)).stdout(Stdio::from(theirs));
+            StreamFds { read: ours.try_clone()?, write: ours }
+        }
+        DataChannel::Pipes => {
+            let (child_in, write) = pipe()?;
+            let (read, child_out) = pipe()?;
+            cmd.stdin(Stdio::from(child_in)).stdout(Stdio::from(child_out));
+            StreamFds { read, write }
+        }
+    };
     let term = if pty { Some(open_pty()?) } else { None };
     match &term {
         Some(t) => {
@@ -239,5 +289,5 @@ pub fn spawn_hybrid(cmd: &mut Command, pty: bool) -> std::io::Result<(Child, Own
         Some(t) => Some(t.master),
         None => child.stderr.take().map(OwnedFd::from),
     };
-    Ok((child, ours, diag))
+    Ok((child, stream, diag))
 }

@@ -1,4 +1,4 @@
-//! The sans-IO password dialogue shared by sudo (and, later, su and doas).
+//! The sans-IO password dialogue shared by sudo, su and doas.
 
 use mitogen_core::{Dialogue, DialogueStep, LoginError};
 use std::fmt;
@@ -6,18 +6,32 @@ use std::fmt;
 /// Most output kept while looking for a prompt or a refusal.
 const MAX_BUF: usize = 16 * 1024;
 
+/// How a password prompt is recognised.
+#[derive(Debug, Clone)]
+enum Prompt {
+    /// A prompt we forced (sudo `-p`): matched exactly, anywhere.
+    Exact(Vec<u8>),
+    /// Prompts we cannot choose (su, doas): the unfinished last line, lower-cased and
+    /// trimmed, ends with one of these texts.
+    AnyOf(Vec<String>),
+}
+
 /// Watches a terminal for a password prompt and the method's refusals.
 ///
-/// - The prompt is matched exactly, anywhere in the output, also when it is split across
-///   reads and has no newline. sudo is made to print our own prompt (with a random token),
-///   so banners, translations or a profile printing "password" cannot match it.
+/// - sudo is made to print our own prompt (with a random token), matched exactly anywhere
+///   in the output, also when it is split across reads and has no newline, so banners,
+///   translations or a profile printing "password" cannot match it.
+/// - su and doas cannot be given a prompt: theirs is recognised from a configurable list
+///   of texts, and only on an unfinished line (a prompt waits for input; a banner line
+///   that mentions "Password:" has ended).
 /// - Refusals only count on whole lines that start with the method's name (`sudo: ...`), so
 ///   a profile printing "Permission denied" is not mistaken for a failure.
 /// - A second prompt means the password was wrong: it is never sent twice.
 pub struct PromptDialogue {
     method: &'static str,
-    prompt: Vec<u8>,
+    prompt: Prompt,
     password: Option<String>,
+    answer_on_input: bool,
     line_prefixes: Vec<String>,
     incorrect: Vec<String>,
     refused: Vec<String>,
@@ -30,7 +44,7 @@ impl fmt::Debug for PromptDialogue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PromptDialogue")
             .field("method", &self.method)
-            .field("prompt", &String::from_utf8_lossy(&self.prompt))
+            .field("prompt", &self.prompt)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("sent", &self.sent)
             .finish()
@@ -40,11 +54,11 @@ impl fmt::Debug for PromptDialogue {
 impl PromptDialogue {
     /// A dialogue for sudo (sudo.ws and sudo-rs) answering `prompt` with `password`.
     pub fn sudo(prompt: &str, password: Option<String>) -> PromptDialogue {
-        let lower = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
         PromptDialogue {
             method: "sudo",
-            prompt: prompt.as_bytes().to_vec(),
+            prompt: Prompt::Exact(prompt.as_bytes().to_vec()),
             password,
+            answer_on_input: false,
             line_prefixes: lower(&["sudo:", "sudo-rs:"]),
             incorrect: lower(&["incorrect password attempt", "maximum 3 incorrect authentication attempts"]),
             refused: lower(&[
@@ -57,6 +71,42 @@ impl PromptDialogue {
                 "account validation failure",
             ]),
             required: lower(&["a password is required", "a terminal is required", "no tty present"]),
+            buf: Vec::new(),
+            sent: false,
+        }
+    }
+
+    /// A dialogue for util-linux `su`: it reads the password from standard input (so the
+    /// answer goes to the message stream), prompts with one of `prompts` (translated), and
+    /// says one of `incorrect` when the password is wrong.
+    pub fn su(password: Option<String>, prompts: &[String], incorrect: &[String]) -> PromptDialogue {
+        PromptDialogue {
+            method: "su",
+            prompt: Prompt::AnyOf(lower(prompts)),
+            password,
+            answer_on_input: true,
+            line_prefixes: lower(&["su:"]),
+            incorrect: lower(incorrect),
+            refused: lower(&["does not exist", "must be run from a terminal", "permission denied"]),
+            required: Vec::new(),
+            buf: Vec::new(),
+            sent: false,
+        }
+    }
+
+    /// A dialogue for OpenBSD `doas` (and OpenDoas): the prompt (`doas (user@host)
+    /// password:`) on the terminal, recognised from `prompts`; `incorrect` texts mean a
+    /// wrong password.
+    pub fn doas(password: Option<String>, prompts: &[String], incorrect: &[String]) -> PromptDialogue {
+        PromptDialogue {
+            method: "doas",
+            prompt: Prompt::AnyOf(lower(prompts)),
+            password,
+            answer_on_input: false,
+            line_prefixes: lower(&["doas:"]),
+            incorrect: lower(incorrect),
+            refused: lower(&["operation not permitted", "not permitted", "unknown user", "no passwd entry"]),
+            required: lower(&["authorization required", "a tty is required"]),
             buf: Vec::new(),
             sent: false,
         }
@@ -85,6 +135,10 @@ impl PromptDialogue {
     }
 }
 
+fn lower<S: AsRef<str>>(v: &[S]) -> Vec<String> {
+    v.iter().map(|s| s.as_ref().trim().to_lowercase()).collect()
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.is_empty() || hay.len() < needle.len() {
         return None;
@@ -98,25 +152,36 @@ impl Dialogue for PromptDialogue {
         // Whole lines first: refusals.
         while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.buf.drain(..=nl).collect();
-            let text = String::from_utf8_lossy(&line);
-            // A prompt may end a line too (pwfeedback asterisks, then newline).
-            if let Some(pos) = find(&line, &self.prompt) {
-                let rest = line[pos + self.prompt.len()..].to_vec();
-                self.buf.splice(0..0, rest);
-                return self.prompted();
+            // A forced prompt may end a line too (pwfeedback asterisks, then newline).
+            if let Prompt::Exact(p) = &self.prompt {
+                if let Some(pos) = find(&line, p) {
+                    let rest = line[pos + p.len()..].to_vec();
+                    self.buf.splice(0..0, rest);
+                    return self.prompted();
+                }
             }
-            if let Some(e) = self.check_line(&text) {
+            if let Some(e) = self.check_line(&String::from_utf8_lossy(&line)) {
                 return DialogueStep::Fail(e);
             }
         }
-        // Then the partial line: a prompt has no newline.
-        if let Some(pos) = find(&self.buf, &self.prompt) {
-            self.buf.drain(..pos + self.prompt.len());
-            return self.prompted();
+        // Then the unfinished line: a prompt has no newline.
+        match &self.prompt {
+            Prompt::Exact(p) => {
+                if let Some(pos) = find(&self.buf, p) {
+                    self.buf.drain(..pos + p.len());
+                    return self.prompted();
+                }
+            }
+            Prompt::AnyOf(texts) => {
+                let tail = String::from_utf8_lossy(&self.buf).trim().to_lowercase();
+                if texts.iter().any(|t| !t.is_empty() && tail.ends_with(t.as_str())) {
+                    self.buf.clear();
+                    return self.prompted();
+                }
+            }
         }
         if self.buf.len() > MAX_BUF {
-            let keep = self.prompt.len();
-            self.buf.drain(..self.buf.len() - keep);
+            self.buf.drain(..self.buf.len() - MAX_BUF / 2);
         }
         DialogueStep::Continue
     }
@@ -132,7 +197,11 @@ impl PromptDialogue {
                 self.sent = true;
                 let mut answer = pw.clone().into_bytes();
                 answer.push(b'\n');
-                DialogueStep::Write(answer)
+                if self.answer_on_input {
+                    DialogueStep::WriteInput(answer)
+                } else {
+                    DialogueStep::Write(answer)
+                }
             }
         }
     }
@@ -201,6 +270,64 @@ mod tests {
         let mut d = PromptDialogue::sudo(P, None);
         let s = d.on_output(b"sudo: a terminal is required to read the password\n");
         assert_eq!(s, DialogueStep::Fail(LoginError::PasswordRequired { method: "sudo" }));
+    }
+
+    fn su() -> PromptDialogue {
+        let o = crate::SuOptions::default();
+        PromptDialogue::su(Some("pw".into()), &o.password_prompts, &o.incorrect_prompts)
+    }
+
+    #[test]
+    fn su_answers_on_stdin_also_translated_and_split() {
+        let mut d = su();
+        assert_eq!(feed(&mut d, &[b"Pass", b"word: "]), vec![DialogueStep::WriteInput(b"pw\n".to_vec())]);
+        let mut d = su();
+        assert_eq!(feed(&mut d, &[b"Passwort: "]), vec![DialogueStep::WriteInput(b"pw\n".to_vec())]);
+        let mut d = su();
+        let ru = "Пароль: ".as_bytes();
+        assert_eq!(feed(&mut d, &[&ru[..3], &ru[3..]]), vec![DialogueStep::WriteInput(b"pw\n".to_vec())]);
+    }
+
+    #[test]
+    fn su_banner_lines_and_profiles_are_not_prompts_or_failures() {
+        let mut d = su();
+        let noise: &[&[u8]] = &[
+            b"Your password: expires in 3 days\n",
+            b"Password:\r\n",
+            b"sh: 1: /home/x/.profile: Permission denied\n",
+        ];
+        assert_eq!(feed(&mut d, noise), vec![]);
+    }
+
+    #[test]
+    fn su_incorrect_password_and_configured_texts() {
+        let mut d = su();
+        assert!(matches!(d.on_output(b"Password: "), DialogueStep::WriteInput(_)));
+        let s = d.on_output(b"\nsu: Authentication failure\n");
+        assert_eq!(s, DialogueStep::Fail(LoginError::PasswordIncorrect { method: "su" }));
+        // Custom prompt and incorrect texts (another su flavour or locale).
+        let mut d = PromptDialogue::su(Some("pw".into()), &["Kennwort:".into()], &["su: falsches".into()]);
+        assert_eq!(d.on_output(b"Password: "), DialogueStep::Continue);
+        let mut d = PromptDialogue::su(Some("pw".into()), &["Kennwort:".into()], &["su: falsches".into()]);
+        assert!(matches!(d.on_output(b"Kennwort: "), DialogueStep::WriteInput(_)));
+        let s = d.on_output(b"\nsu: Falsches Kennwort\n");
+        assert_eq!(s, DialogueStep::Fail(LoginError::PasswordIncorrect { method: "su" }));
+    }
+
+    #[test]
+    fn doas_prompt_on_the_terminal_and_its_failures() {
+        let o = crate::DoasOptions::default();
+        let mut d = PromptDialogue::doas(Some("pw".into()), &o.password_prompts, &o.incorrect_prompts);
+        let steps = feed(&mut d, &[b"\rdoas (alice@host) pass", b"word: "]);
+        assert_eq!(steps, vec![DialogueStep::Write(b"pw\n".to_vec())]);
+        let s = d.on_output(b"\r\ndoas: Authentication failed\r\n");
+        assert_eq!(s, DialogueStep::Fail(LoginError::PasswordIncorrect { method: "doas" }));
+        let mut d = PromptDialogue::doas(None, &o.password_prompts, &o.incorrect_prompts);
+        let s = d.on_output(b"doas: Operation not permitted\r\n");
+        assert!(matches!(s, DialogueStep::Fail(LoginError::Refused { method: "doas", .. })), "{s:?}");
+        let mut d = PromptDialogue::doas(None, &o.password_prompts, &o.incorrect_prompts);
+        let s = d.on_output(b"\rdoas (alice@host) password: ");
+        assert_eq!(s, DialogueStep::Fail(LoginError::PasswordRequired { method: "doas" }));
     }
 
     #[test]

@@ -1,11 +1,14 @@
-//! The sudo transport: an agent in another account on this host.
+//! The sudo, su and doas transports: an agent in another account on this host.
 //!
-//! sudo runs the sh first stage ([`mitogen_transport_local::bootstrap`]), which receives the
+//! Each runs the sh first stage ([`mitogen_transport_local::bootstrap`]), which receives the
 //! agent image over the stream and runs it from memory: nothing is installed or written in
 //! the target account. Data goes over a socketpair; sudo's prompt appears on a PTY that is
 //! the child's controlling terminal and stderr ("hybrid" TTY), answered by a sans-IO
 //! [`PromptDialogue`] with a prompt string we force (`-p`), so the prompt is recognised
 //! exactly whatever the locale, banner or sudo flavour (sudo.ws, sudo-rs, pwfeedback).
+//! su and doas cannot be given a prompt: theirs are recognised from configurable texts
+//! ([`SuOptions::password_prompts`], [`DoasOptions::password_prompts`]); util-linux su
+//! reads the password from stdin, so its answer goes to the stream, not the terminal.
 
 #![warn(missing_docs)]
 
@@ -14,8 +17,9 @@ mod dialogue;
 pub use dialogue::PromptDialogue;
 
 use mitogen_core::transport::{Bootstrap, Connection, StartError, Transport};
+use mitogen_core::Dialogue;
 use mitogen_transport_local::bootstrap::{random_token, FirstStage};
-use mitogen_transport_local::SELF_EXE;
+use mitogen_transport_local::{DataChannel, SELF_EXE};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::PathBuf;
@@ -48,6 +52,8 @@ pub struct SudoOptions {
     pub program: Option<PathBuf>,
     /// Keep the image in the target account's cache and reuse it.
     pub cache: bool,
+    /// Carry messages over pipes instead of a socketpair.
+    pub pipes: bool,
 }
 
 impl fmt::Debug for SudoOptions {
@@ -64,6 +70,7 @@ impl fmt::Debug for SudoOptions {
             .field("extra_args", &self.extra_args)
             .field("program", &self.program)
             .field("cache", &self.cache)
+            .field("pipes", &self.pipes)
             .finish()
     }
 }
@@ -82,19 +89,12 @@ impl Default for SudoOptions {
             extra_args: Vec::new(),
             program: None,
             cache: false,
+            pipes: false,
         }
     }
 }
 
 impl SudoOptions {
-    /// The image that will be sent: the named one or the current executable.
-    pub fn resolved_program(&self) -> std::io::Result<PathBuf> {
-        match &self.program {
-            Some(p) => Ok(p.clone()),
-            None => Ok(PathBuf::from(SELF_EXE)),
-        }
-    }
-
     /// The sudo command line for `prompt` and the first-stage `script`.
     pub fn command(&self, prompt: &str, script: &str) -> Command {
         let mut cmd = Command::new(&self.sudo_path);
@@ -114,9 +114,244 @@ impl SudoOptions {
         if let Some(t) = &self.selinux_type {
             cmd.arg("-t").arg(t);
         }
+        let shell_mode = self.login
+            || self.extra_args.iter().any(|a| matches!(a.as_str(), "-i" | "-s" | "--login" | "--shell"));
+        let script = if shell_mode { dollar_free(script) } else { script.to_string() };
         cmd.args(&self.extra_args).arg("--").arg("/bin/sh").arg("-c").arg(script);
         cmd
     }
+}
+
+/// The first stage rewritten without `$`, for `sudo -i` / `-s`: sudo then hands the command
+/// to the account's shell with every character escaped except `$` (so that variables
+/// expand), which would expand the first stage's variables too early. `printf` turns
+/// `\044` back into `$` in the inner shell. The first stage has no `'`, `\\` or `%`.
+fn dollar_free(script: &str) -> String {
+    debug_assert!(!script.contains(['\'', '\\', '%']));
+    format!("eval \"`printf '{}'`\"", script.replace('$', "\\044"))
+}
+
+/// Options of the su method (util-linux su, or another `su USER -c CMD`).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SuOptions {
+    /// Target account (default `root`).
+    pub username: String,
+    /// Password to answer su's prompt with; never logged.
+    pub password: Option<String>,
+    /// `-l`: a login shell (profiles run).
+    pub login: bool,
+    /// The su program (default `su` from `PATH`).
+    pub su_path: PathBuf,
+    /// Texts that end su's password prompt, any case (default: `password:` and its common
+    /// translations).
+    pub password_prompts: Vec<String>,
+    /// Texts su prints when the password is wrong (default: `su: sorry`, `su:
+    /// authentication failure`, `su: incorrect password`).
+    pub incorrect_prompts: Vec<String>,
+    /// More arguments for su, before the user name.
+    pub extra_args: Vec<String>,
+    /// The agent image; `None` sends the current executable.
+    pub program: Option<PathBuf>,
+    /// Keep the image in the target account's cache and reuse it.
+    pub cache: bool,
+    /// Carry messages over pipes instead of a socketpair.
+    pub pipes: bool,
+}
+
+/// Password prompts of su (and doas) in common locales, lower case.
+const PASSWORD_PROMPTS: &[&str] = &[
+    "password:",
+    "passwort:",
+    "mot de passe :",
+    "mot de passe:",
+    "contraseña:",
+    "senha:",
+    "wachtwoord:",
+    "hasło:",
+    "пароль:",
+    "密码：",
+    "密碼：",
+    "パスワード:",
+    "암호:",
+];
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+impl Default for SuOptions {
+    fn default() -> Self {
+        SuOptions {
+            username: "root".into(),
+            password: None,
+            login: false,
+            su_path: "su".into(),
+            password_prompts: strings(PASSWORD_PROMPTS),
+            incorrect_prompts: strings(&[
+                "su: sorry",
+                "su: authentication failure",
+                "su: incorrect password",
+            ]),
+            extra_args: Vec::new(),
+            program: None,
+            cache: false,
+            pipes: false,
+        }
+    }
+}
+
+impl fmt::Debug for SuOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SuOptions")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("login", &self.login)
+            .field("su_path", &self.su_path)
+            .field("password_prompts", &self.password_prompts)
+            .field("incorrect_prompts", &self.incorrect_prompts)
+            .field("extra_args", &self.extra_args)
+            .field("program", &self.program)
+            .field("cache", &self.cache)
+            .field("pipes", &self.pipes)
+            .finish()
+    }
+}
+
+impl SuOptions {
+    /// The su command line for the first-stage `script`. su hands `-c` to the account's
+    /// shell, which may not be POSIX: it only has to `exec /bin/sh` with one quoted argument
+    /// (the script has no single quotes).
+    pub fn command(&self, script: &str) -> Command {
+        let mut cmd = Command::new(&self.su_path);
+        if self.login {
+            cmd.arg("-l");
+        }
+        cmd.args(&self.extra_args).arg("-c").arg(format!("exec /bin/sh -c '{script}'")).arg(&self.username);
+        cmd
+    }
+}
+
+/// Options of the doas method (OpenBSD doas or OpenDoas).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DoasOptions {
+    /// Target account (default `root`).
+    pub username: String,
+    /// Password to answer doas's prompt with; never logged.
+    pub password: Option<String>,
+    /// The doas program (default `doas` from `PATH`).
+    pub doas_path: PathBuf,
+    /// Texts that end doas's password prompt, any case (default: `password:` and common
+    /// translations).
+    pub password_prompts: Vec<String>,
+    /// Texts doas prints when the password is wrong (default: `doas: authentication failed`).
+    pub incorrect_prompts: Vec<String>,
+    /// More arguments for doas, before `--`.
+    pub extra_args: Vec<String>,
+    /// The agent image; `None` sends the current executable.
+    pub program: Option<PathBuf>,
+    /// Keep the image in the target account's cache and reuse it.
+    pub cache: bool,
+    /// Carry messages over pipes instead of a socketpair.
+    pub pipes: bool,
+}
+
+impl Default for DoasOptions {
+    fn default() -> Self {
+        DoasOptions {
+            username: "root".into(),
+            password: None,
+            doas_path: "doas".into(),
+            password_prompts: strings(PASSWORD_PROMPTS),
+            incorrect_prompts: strings(&["doas: authentication failed"]),
+            extra_args: Vec::new(),
+            program: None,
+            cache: false,
+            pipes: false,
+        }
+    }
+}
+
+impl fmt::Debug for DoasOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DoasOptions")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("doas_path", &self.doas_path)
+            .field("password_prompts", &self.password_prompts)
+            .field("incorrect_prompts", &self.incorrect_prompts)
+            .field("extra_args", &self.extra_args)
+            .field("program", &self.program)
+            .field("cache", &self.cache)
+            .field("pipes", &self.pipes)
+            .finish()
+    }
+}
+
+impl DoasOptions {
+    /// The doas command line for the first-stage `script`.
+    pub fn command(&self, script: &str) -> Command {
+        let mut cmd = Command::new(&self.doas_path);
+        cmd.arg("-u")
+            .arg(&self.username)
+            .args(&self.extra_args)
+            .arg("--")
+            .arg("/bin/sh")
+            .arg("-c")
+            .arg(script);
+        cmd
+    }
+}
+
+/// The image that will be sent: the named one or the current executable.
+fn resolved_program(program: &Option<PathBuf>) -> PathBuf {
+    program.clone().unwrap_or_else(|| PathBuf::from(SELF_EXE))
+}
+
+/// What one account-changing method contributes to [`start`].
+struct Start<'a> {
+    method: &'static str,
+    username: &'a str,
+    program: &'a Option<PathBuf>,
+    cache: bool,
+    pipes: bool,
+    arg0: &'a str,
+    image_hash: &'a str,
+}
+
+/// Starts `command(first stage, token)` on a hybrid PTY with the dialogue it returns.
+fn start(
+    s: Start<'_>,
+    build: impl FnOnce(&FirstStage) -> (Command, Box<dyn Dialogue>),
+) -> Result<Connection, StartError> {
+    if s.username.is_empty() || s.username.starts_with('-') {
+        return Err(StartError::Options(format!("invalid {} username {:?}", s.method, s.username)));
+    }
+    let image = resolved_program(s.program);
+    let stage = FirstStage {
+        token: random_token(),
+        hash: s.image_hash.to_string(),
+        argv0: s.arg0.to_string(),
+        cache: s.cache,
+    };
+    let (mut cmd, dialogue) = build(&stage);
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let data = if s.pipes { DataChannel::Pipes } else { DataChannel::SocketPair };
+    let (child, stream, diag) = mitogen_transport_local::spawn_hybrid(&mut cmd, true, data)
+        .map_err(|source| StartError::Spawn { program, source })?;
+    // Our copies of the PTY slave and the child's stream ends must go, or end of file
+    // never comes.
+    drop(cmd);
+    Ok(Connection {
+        read: stream.read,
+        write: stream.write,
+        diag,
+        process: Some(child),
+        description: format!("{} -u {}", s.method, s.username),
+        bootstrap: Bootstrap::FirstStage { token: stage.token, image, cache: s.cache },
+        dialogue: Some(dialogue),
+    })
 }
 
 /// The sudo transport.
@@ -141,31 +376,124 @@ impl Transport for SudoTransport {
     }
 
     fn start(&mut self, _deadline: Instant) -> Result<Connection, StartError> {
-        if self.opts.username.is_empty() {
-            return Err(StartError::Options("empty sudo username".into()));
-        }
-        let image = self.opts.resolved_program()?;
-        let stage = FirstStage {
-            token: random_token(),
-            hash: self.image_hash.clone(),
-            argv0: self.arg0.clone(),
-            cache: self.opts.cache,
+        let o = &self.opts;
+        let s = Start {
+            method: "sudo",
+            username: &o.username,
+            program: &o.program,
+            cache: o.cache,
+            pipes: o.pipes,
+            arg0: &self.arg0,
+            image_hash: &self.image_hash,
         };
-        let prompt = format!("mitogen-sudo-password-{}:", stage.token);
-        let mut cmd = self.opts.command(&prompt, &stage.script());
-        let program = self.opts.sudo_path.display().to_string();
-        let (child, ours, diag) = mitogen_transport_local::spawn_hybrid(&mut cmd, true)
-            .map_err(|source| StartError::Spawn { program, source })?;
-        // Our copies of the PTY slave and socket end must go, or end of file never comes.
-        drop(cmd);
-        Ok(Connection {
-            read: ours.try_clone()?,
-            write: ours,
-            diag,
-            process: Some(child),
-            description: format!("sudo -u {}", self.opts.username),
-            bootstrap: Bootstrap::FirstStage { token: stage.token, image, cache: self.opts.cache },
-            dialogue: Some(Box::new(PromptDialogue::sudo(&prompt, self.opts.password.clone()))),
+        start(s, |stage| {
+            let prompt = format!("mitogen-sudo-password-{}:", stage.token);
+            let cmd = o.command(&prompt, &stage.script());
+            (cmd, Box::new(PromptDialogue::sudo(&prompt, o.password.clone())))
         })
+    }
+}
+
+/// The su transport.
+#[derive(Debug, Clone)]
+pub struct SuTransport {
+    opts: SuOptions,
+    arg0: String,
+    image_hash: String,
+}
+
+impl SuTransport {
+    /// A transport for `opts` (see [`SudoTransport::new`]).
+    pub fn new(opts: SuOptions, arg0: impl Into<String>, image_hash: impl Into<String>) -> SuTransport {
+        SuTransport { opts, arg0: arg0.into(), image_hash: image_hash.into() }
+    }
+}
+
+impl Transport for SuTransport {
+    fn method(&self) -> &'static str {
+        "su"
+    }
+
+    fn start(&mut self, _deadline: Instant) -> Result<Connection, StartError> {
+        let o = &self.opts;
+        let s = Start {
+            method: "su",
+            username: &o.username,
+            program: &o.program,
+            cache: o.cache,
+            pipes: o.pipes,
+            arg0: &self.arg0,
+            image_hash: &self.image_hash,
+        };
+        start(s, |stage| {
+            let d = PromptDialogue::su(o.password.clone(), &o.password_prompts, &o.incorrect_prompts);
+            (o.command(&stage.script()), Box::new(d))
+        })
+    }
+}
+
+/// The doas transport.
+#[derive(Debug, Clone)]
+pub struct DoasTransport {
+    opts: DoasOptions,
+    arg0: String,
+    image_hash: String,
+}
+
+impl DoasTransport {
+    /// A transport for `opts` (see [`SudoTransport::new`]).
+    pub fn new(opts: DoasOptions, arg0: impl Into<String>, image_hash: impl Into<String>) -> DoasTransport {
+        DoasTransport { opts, arg0: arg0.into(), image_hash: image_hash.into() }
+    }
+}
+
+impl Transport for DoasTransport {
+    fn method(&self) -> &'static str {
+        "doas"
+    }
+
+    fn start(&mut self, _deadline: Instant) -> Result<Connection, StartError> {
+        let o = &self.opts;
+        let s = Start {
+            method: "doas",
+            username: &o.username,
+            program: &o.program,
+            cache: o.cache,
+            pipes: o.pipes,
+            arg0: &self.arg0,
+            image_hash: &self.image_hash,
+        };
+        start(s, |stage| {
+            let d = PromptDialogue::doas(o.password.clone(), &o.password_prompts, &o.incorrect_prompts);
+            (o.command(&stage.script()), Box::new(d))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines() {
+        let args = |c: &Command| c.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>();
+        let su = SuOptions { username: "bob".into(), login: true, ..Default::default() };
+        assert_eq!(args(&su.command("echo x")), ["-l", "-c", "exec /bin/sh -c 'echo x'", "bob"]);
+        let doas = DoasOptions { username: "bob".into(), ..Default::default() };
+        assert_eq!(args(&doas.command("echo x")), ["-u", "bob", "--", "/bin/sh", "-c", "echo x"]);
+        let sudo = SudoOptions { username: "bob".into(), login: true, ..Default::default() };
+        let a = args(&sudo.command("P", "echo $HOME"));
+        assert_eq!(a[a.len() - 1], "eval \"`printf 'echo \\044HOME'`\"");
+        assert!(!a.iter().any(|a| a.contains('$')));
+        let pw = SuOptions { password: Some("hunter2".into()), ..Default::default() };
+        assert!(!format!("{pw:?}").contains("hunter2"));
+        let pw = DoasOptions { password: Some("hunter2".into()), ..Default::default() };
+        assert!(!format!("{pw:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn bad_usernames_are_refused_before_anything_runs() {
+        let mut t = SuTransport::new(SuOptions { username: "-x".into(), ..Default::default() }, "a", "h");
+        assert!(matches!(t.start(Instant::now()), Err(StartError::Options(_))));
     }
 }

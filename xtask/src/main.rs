@@ -60,12 +60,19 @@ fn ci() -> Result<()> {
 fn test() -> Result<()> {
     // Integration tests run the stock agent of mitogen-child, another package's binary.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
+    // One test ships the static agent as a named image.
+    let dist = build_dist()?;
     run(cargo().args(["test", "--workspace", "--doc"]))?;
-    run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))
+    run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).env("MITOGEN_DIST_AGENT", dist))
+}
+
+fn dist() -> Result<()> {
+    println!("{}", build_dist()?.display());
+    Ok(())
 }
 
 /// Builds the static stock agent into `target/dist/mitogen-agent-<arch>-linux`.
-fn dist() -> Result<()> {
+fn build_dist() -> Result<PathBuf> {
     let out = Command::new("rustc").arg("-vV").output()?;
     let host = String::from_utf8(out.stdout)?
         .lines()
@@ -88,8 +95,7 @@ fn dist() -> Result<()> {
     if st.status.code() != Some(2) || !String::from_utf8_lossy(&st.stderr).contains("mitogen-agent") {
         bail!("{} does not run: {:?}", dest.display(), st);
     }
-    println!("{}", dest.display());
-    Ok(())
+    Ok(dest)
 }
 
 /// True if a 64-bit little-endian ELF image has a PT_INTERP program header.

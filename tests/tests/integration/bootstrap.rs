@@ -114,3 +114,105 @@ fn cache_lets_the_second_connection_skip_the_image() {
     assert_eq!(second.call(add, (3, 4)).unwrap(), 7);
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// Socket links among a process's open files.
+fn sockets_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.display().to_string().starts_with("socket:"))
+        })
+        .count()
+}
+
+#[test]
+fn pipes_instead_of_a_socketpair_directly_and_through_sh() {
+    let r = Router::new().unwrap();
+    for sh in [false, true] {
+        let c = r.local(Local::new().program(agent()).through_sh(sh).pipes(true)).unwrap();
+        let pid = c.call(mitogen::builtins::getpid, ()).unwrap();
+        assert_eq!(sockets_of(pid), 0, "the agent's stream is two pipes");
+        let data = mitogen::Bytes(block(9, 8, 3 << 20));
+        assert_eq!(c.call(echo, (data.clone(),)).unwrap(), data);
+        c.shutdown(std::time::Duration::from_secs(10)).unwrap();
+        assert!(wait_gone(pid, std::time::Duration::from_secs(10)));
+    }
+    // The default is a socketpair.
+    let c = r.local(Local::new().program(agent())).unwrap();
+    assert!(sockets_of(c.call(mitogen::builtins::getpid, ()).unwrap()) > 0);
+}
+
+/// Runs the first stage by hand with a non-blocking stdin and an answer that arrives late:
+/// the shell must wait for it (not fail, not spin) and the loader must read the whole image.
+fn first_stage_with_non_blocking_stdin(path: &Path, loader: mitogen_transport_local::bootstrap::Loader) {
+    use mitogen_transport_local::bootstrap::{answer, random_token, Encoding, FirstStage};
+    use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
+    let stage = FirstStage { token: random_token(), hash: "0".repeat(32), argv0: "x".into(), cache: false };
+    let (child_in, ours_w) = mitogen_transport_local::pipe().unwrap();
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(child_in.as_raw_fd(), libc::F_GETFL);
+        assert_eq!(libc::fcntl(child_in.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK), 0);
+    }
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(stage.script())
+        .env("PATH", path)
+        .stdin(std::process::Stdio::from(child_in))
+        .stdout(std::process::Stdio::piped());
+    let mut child = mitogen_transport_local::spawn(&mut cmd).unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let report = stage.parse(&line).unwrap_or_else(|| panic!("no marker: {line:?}"));
+    // Let the shell find its stdin empty a few times.
+    std::thread::sleep(std::time::Duration::from_millis(350));
+    let image = std::fs::read("/bin/true").unwrap();
+    let payload = match loader.encoding() {
+        Encoding::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&image).unwrap();
+            e.finish().unwrap()
+        }
+        _ => image,
+    };
+    let mut w = std::fs::File::from(ours_w);
+    w.write_all(answer(loader, payload.len(), &report.arch, false).as_bytes()).unwrap();
+    // The image in two parts with a pause: the loader meets EAGAIN in the middle.
+    let half = payload.len() / 2;
+    w.write_all(&payload[..half]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    w.write_all(&payload[half..]).unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{loader:?}: the image (/bin/true) did not run: {st}");
+}
+
+#[test]
+fn a_non_blocking_stdin_is_waited_for_by_the_shell_and_the_loaders() {
+    use mitogen_transport_local::bootstrap::Loader;
+    first_stage_with_non_blocking_stdin(&bin_dir("nb-perl", &["uname", "perl", "sleep"]), Loader::Perl);
+    first_stage_with_non_blocking_stdin(&bin_dir("nb-py", &["uname", "python3", "sleep"]), Loader::Python);
+}
+
+#[test]
+fn the_static_dist_agent_runs_where_no_library_is_installed() {
+    // `cargo xtask test` builds it first (`cargo xtask dist`) and names it here.
+    let dist = std::env::var_os("MITOGEN_DIST_AGENT").expect(
+        "MITOGEN_DIST_AGENT is unset: run the tests with `cargo xtask test`, which builds the static agent",
+    );
+    let r = Router::new().unwrap();
+    // Through sh, from memory, in an empty environment: only builtins exist in the stock agent.
+    let c = r.local(Local::new().program(&dist).through_sh(true)).unwrap();
+    let pid = c.call(mitogen::builtins::getpid, ()).unwrap();
+    assert!(exe_of(pid).starts_with("/memfd:"), "{}", exe_of(pid));
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        !maps.contains("libc.so") && !maps.contains("ld-linux"),
+        "the dist agent loaded shared libraries"
+    );
+    // A user function is not in the stock agent: a typed error, not a crash.
+    let err = c.call(add, (1, 2)).unwrap_err();
+    assert!(err.to_string().contains("add"), "{err}");
+}

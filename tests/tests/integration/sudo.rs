@@ -1,7 +1,7 @@
-//! Real sudo, with test accounts (see `mitogen_tests::accounts`).
+//! Real sudo, su and doas, with test accounts (see `mitogen_tests::accounts`).
 
 use crate::{agent, local};
-use mitogen::{ConnectError, Local, LoginError, Router, Sudo};
+use mitogen::{ConnectError, Doas, Local, LoginError, Router, Su, Sudo};
 use mitogen_tests::accounts::*;
 use mitogen_tests::*;
 use std::time::Duration;
@@ -13,6 +13,42 @@ fn uid_of(user: &str) -> u32 {
 
 fn sudo(user: &str) -> Sudo {
     Sudo::new().username(user).program(agent()).connect_timeout(Duration::from_secs(20))
+}
+
+fn su(user: &str) -> Su {
+    Su::new().username(user).program(agent()).connect_timeout(Duration::from_secs(20))
+}
+
+fn doas(user: &str) -> Doas {
+    Doas::new().username(user).program(agent()).connect_timeout(Duration::from_secs(20))
+}
+
+/// Processes owned by `user`, as `pid command` lines.
+fn processes_of(user: &str) -> Vec<String> {
+    let uid = uid_of(user);
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+        let owner =
+            status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().next());
+        if owner == Some(uid.to_string().as_str()) && !status.contains("State:\tZ") {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            found.push(format!("{pid} {}", String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    found
+}
+
+fn assert_via_error(err: ConnectError, via: &str, needle: &str, secret: &str) {
+    match err {
+        ConnectError::Via { via: v, message } => {
+            assert_eq!(v, via);
+            assert!(message.contains(needle), "{message}");
+            assert!(!message.contains(secret), "the password leaked: {message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
 }
 
 #[test]
@@ -107,4 +143,92 @@ fn local_through_sudo_and_sudo_through_local() {
     let l = local(&r);
     let s = r.sudo(sudo(USER_C).via(&l)).unwrap();
     assert_eq!(s.call(uids, ()).unwrap().0, uid_of(USER_C));
+}
+
+#[test]
+fn su_as_root_then_with_a_password_through_an_intermediary() {
+    ensure();
+    let r = Router::new().unwrap();
+    // root is not asked for a password.
+    let a = r.su(su(USER_A)).unwrap();
+    assert_eq!(a.name(), format!("su.{USER_A}"));
+    assert_eq!(a.call(uids, ()).unwrap().0, uid_of(USER_A));
+    let pid = a.call(mitogen::builtins::getpid, ()).unwrap();
+    assert!(std::fs::read_link(format!("/proc/{pid}/exe"))
+        .unwrap()
+        .display()
+        .to_string()
+        .starts_with("/memfd:"));
+    // util-linux su reads the password from stdin: it goes over the stream.
+    let b = r.su(su(USER_B).password(PW_B).via(&a)).unwrap();
+    assert_eq!(b.name(), format!("su.{USER_A}.su.{USER_B}"));
+    assert_eq!(b.call(uids, ()).unwrap().0, uid_of(USER_B));
+    let err = r.su(su(USER_B).password("not-the-password").via(&a)).unwrap_err();
+    assert_via_error(err, a.name(), "su password was incorrect", "not-the-password");
+    let err = r.su(su(USER_B).via(&a)).unwrap_err();
+    assert_via_error(err, a.name(), "a password is required", "\0");
+    // Over pipes too, and the intermediary is fine afterwards.
+    let b2 = r.su(su(USER_B).password(PW_B).pipes(true).via(&a)).unwrap();
+    assert_eq!(b2.call(add, (2, 2)).unwrap(), 4);
+    assert_eq!(a.call(add, (1, 2)).unwrap(), 3);
+}
+
+#[test]
+fn doas_passwordless_with_a_password_and_refused() {
+    ensure_doas();
+    let r = Router::new().unwrap();
+    let a = r.doas(doas(USER_A)).unwrap();
+    assert_eq!(a.name(), format!("doas.{USER_A}"));
+    assert_eq!(a.call(uids, ()).unwrap().0, uid_of(USER_A));
+    // A may become B with A's own password (prompt on the terminal).
+    let b = r.doas(doas(USER_B).password(PW_A).via(&a)).unwrap();
+    assert_eq!(b.call(uids, ()).unwrap().0, uid_of(USER_B));
+    let err = r.doas(doas(USER_B).password("not-the-password").via(&a)).unwrap_err();
+    assert_via_error(err, a.name(), "doas password was incorrect", "not-the-password");
+    // No rule lets A become C.
+    let err = r.doas(doas(USER_C).password(PW_A).via(&a)).unwrap_err();
+    assert_via_error(err, a.name(), "doas refused", PW_A);
+}
+
+#[test]
+fn slow_login_profile_hits_the_connect_timeout_and_nothing_is_left_running() {
+    ensure();
+    let r = Router::new().unwrap();
+    let started = std::time::Instant::now();
+    let err = r.sudo(sudo(USER_E).login(true).connect_timeout(Duration::from_secs(2))).unwrap_err();
+    assert!(matches!(err, ConnectError::Timeout { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    // sudo, the login shell and its `sleep` are all gone.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !processes_of(USER_E).is_empty() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(processes_of(USER_E), Vec::<String>::new(), "left running");
+}
+
+#[test]
+fn read_only_home_and_a_noisy_login_profile() {
+    ensure();
+    let r = Router::new().unwrap();
+    // F's profile prints "Permission denied" and a line with "password"; its home is not
+    // writable, so the opt-in cache cannot be filled: the image is sent every time.
+    for _ in 0..2 {
+        let f = r.sudo(sudo(USER_F).login(true).cache(true)).unwrap();
+        assert_eq!(f.call(uids, ()).unwrap().0, uid_of(USER_F));
+        let pid = f.call(mitogen::builtins::getpid, ()).unwrap();
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert!(exe.display().to_string().starts_with("/memfd:"), "{exe:?}");
+        f.shutdown(Duration::from_secs(10)).unwrap();
+    }
+    assert!(!std::path::Path::new(&format!("/home/{USER_F}/.cache")).exists());
+}
+
+#[test]
+fn sudo_over_pipes() {
+    ensure();
+    let r = Router::new().unwrap();
+    let a = r.sudo(sudo(USER_A).pipes(true)).unwrap();
+    assert_eq!(a.call(uids, ()).unwrap().0, uid_of(USER_A));
+    let data = mitogen::Bytes(block(5, 6, 2 << 20));
+    assert_eq!(a.call(echo, (data.clone(),)).unwrap(), data);
 }
