@@ -4,7 +4,8 @@
 //!
 //! 1. The command line is one short POSIX `sh` program ([`FirstStage::script`], well under
 //!    1 KiB, only `[A-Za-z0-9]` values substituted, so it survives sudo's and ssh's quoting).
-//!    It prints one marker line, `MITO<token> <os> <arch> <cached> <loaders>`, where the
+//!    It reads the OS and architecture from `/proc/sys/kernel/{ostype,arch}` (Linux 6.1+;
+//!    `uname` otherwise, a process more) and prints one marker line, `MITO<token> <os> <arch> <cached> <loaders>`, where the
 //!    token is random per connection, so a banner, a prompt or profile output can never be
 //!    mistaken for it.
 //! 2. The master checks the OS and architecture against the image ([`arch_matches`]) and
@@ -94,7 +95,8 @@ impl FirstStage {
             "T={token};H={hash};A={argv0};C=${{XDG_CACHE_HOME:-$HOME/.cache}}/mitogen;\
              L=;for p in perl python3;do command -v $p >/dev/null 2>&1&&L=$L,$p;done;\
              K=0;[ {cache} = 1 ]&&{{ [ -x \"$C/$H\" ]&&K=1||mkdir -p \"$C\" 2>/dev/null;}};\
-             echo \"{MARKER}$T $(uname -sm) $K ${{L#,}}\";\
+             {{ read -r O </proc/sys/kernel/ostype&&read -r M </proc/sys/kernel/arch;}} 2>/dev/null||{{ set -- $(uname -sm);O=$1;M=$2;}};\
+             echo \"{MARKER}$T $O $M $K ${{L#,}}\";\
              i=0;until read -r N E S X;do [ $((i+=1)) -gt 300 ]&&exit {EXIT_NO_ANSWER};sleep .1;done;\
              export MITOGEN_AGENT=1;eval \"$X\""
         )
@@ -196,7 +198,9 @@ pub fn choose(report: &Report) -> Loader {
     }
 }
 
-const PERL: &str = "use Fcntl;fcntl(STDIN,F_SETFL,fcntl(STDIN,F_GETFL,0)&~O_NONBLOCK);($n,$e,$s,$a,$c,$p)=@ARGV;while(length$b<$n){sysread(STDIN,$b,$n-length$b,length$b)>0||die\"short image\\n\"}\
+/// The perl loader. No modules (each costs milliseconds): `fcntl(F_SETFL=4, F_GETFL=3)`
+/// clears `O_NONBLOCK` (04000 on every architecture with a known memfd call).
+const PERL: &str = "fcntl(STDIN,4,fcntl(STDIN,3,0)&~2048);($n,$e,$s,$a,$c,$p)=@ARGV;while(length$b<$n){sysread(STDIN,$b,$n-length$b,length$b)>0||die\"short image\\n\"}\
 if($c){open W,\">$p.$$\";print W $b;close W;chmod 0700,\"$p.$$\";rename\"$p.$$\",$p}\
 $m=\"mitogen\";$f=syscall($s+0,$m,1);$f>=0||die\"memfd_create: $!\\n\";open F,\">&=$f\";syswrite F,$b;exec{\"/proc/self/fd/$f\"}$a";
 
