@@ -84,11 +84,26 @@ fn without_perl_or_python_a_private_tmpfs_file_is_used_and_unlinked() {
 #[test]
 fn another_architecture_is_refused_before_anything_runs() {
     let r = Router::new().unwrap();
-    let dir = bin_dir("arch", &["perl"]);
+    let dir = bin_dir("arch", &["perl", "sudo", "unshare", "mount"]);
     let fake = dir.join("uname");
     std::fs::write(&fake, "#!/bin/sh\necho Linux sparc64\n").unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    match through_sh(&r, Some(&dir)) {
+    let result = if Path::new("/proc/sys/kernel/arch").exists() {
+        // The first stage reads /proc/sys/kernel/arch: sudo (to root, no password) runs in
+        // a private mount namespace where that file says sparc64.
+        std::fs::write(dir.join("arch"), "sparc64\n").unwrap();
+        let wrapper = dir.join("sudo-sparc");
+        std::fs::write(
+            &wrapper,
+            "#!/bin/sh\nexec unshare -m /bin/sh -c 'mount --bind \"$0\" /proc/sys/kernel/arch && exec sudo \"$@\"' \"$(dirname \"$0\")/arch\" \"$@\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        r.sudo(mitogen::Sudo::new().sudo_path(&wrapper).program(agent()))
+    } else {
+        through_sh(&r, Some(&dir))
+    };
+    match result {
         Err(ConnectError::Unsupported { os, arch, .. }) => {
             assert_eq!((os.as_str(), arch.as_str()), ("Linux", "sparc64"))
         }
