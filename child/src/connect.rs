@@ -57,6 +57,9 @@ pub enum Method {
     /// Another account on the connecting context's host, through doas.
     #[cfg(feature = "sudo")]
     Doas(mitogen_transport_sudo::DoasOptions),
+    /// Another host, through the OpenSSH client.
+    #[cfg(feature = "ssh")]
+    Ssh(mitogen_transport_ssh::SshOptions),
 }
 
 impl Method {
@@ -73,6 +76,8 @@ impl Method {
             Method::Doas(o) => {
                 Box::new(mitogen_transport_sudo::DoasTransport::new(o.clone(), arg0, image_hash))
             }
+            #[cfg(feature = "ssh")]
+            Method::Ssh(o) => Box::new(mitogen_transport_ssh::SshTransport::new(o.clone(), arg0, image_hash)),
         }
     }
 
@@ -86,6 +91,11 @@ impl Method {
             Method::Su(o) => format!("su.{}", o.username),
             #[cfg(feature = "sudo")]
             Method::Doas(o) => format!("doas.{}", o.username),
+            #[cfg(feature = "ssh")]
+            Method::Ssh(o) => match o.port {
+                Some(p) => format!("ssh.{}:{p}", o.hostname),
+                None => format!("ssh.{}", o.hostname),
+            },
         }
     }
 
@@ -96,6 +106,8 @@ impl Method {
             Method::Local(o) => o.through_sh,
             #[cfg(feature = "sudo")]
             Method::Sudo(_) | Method::Su(_) | Method::Doas(_) => true,
+            #[cfg(feature = "ssh")]
+            Method::Ssh(_) => true,
         }
     }
 
@@ -109,6 +121,8 @@ impl Method {
             Method::Su(o) => &o.program,
             #[cfg(feature = "sudo")]
             Method::Doas(o) => &o.program,
+            #[cfg(feature = "ssh")]
+            Method::Ssh(o) => &o.program,
         };
         match program {
             None => build_id::current().map(str::to_string),
@@ -180,9 +194,15 @@ pub enum ConnectError {
     /// The local broker refused the new stream (it is shutting down).
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    /// The login dialogue failed: password required or incorrect, or refused.
-    #[error(transparent)]
-    Login(#[from] mitogen_core::LoginError),
+    /// The login dialogue failed: password required or incorrect, refused, host key or
+    /// network errors.
+    #[error("{error}{}", fmt_lines(.output))]
+    Login {
+        /// What failed.
+        error: mitogen_core::LoginError,
+        /// The last lines of output that explain it (never a password).
+        output: Vec<String>,
+    },
     /// Connecting through an intermediary failed there.
     #[error("error on {via}: {message}")]
     Via {
@@ -194,6 +214,12 @@ pub enum ConnectError {
     /// Local I/O failed while talking to the child.
     #[error("I/O error during bootstrap: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<mitogen_core::LoginError> for ConnectError {
+    fn from(error: mitogen_core::LoginError) -> Self {
+        ConnectError::Login { error, output: Vec::new() }
+    }
 }
 
 fn fmt_lines(lines: &[String]) -> String {
@@ -527,8 +553,9 @@ fn io_step(
                     }
                 }
                 mitogen_core::DialogueStep::Fail(e) => {
+                    let error = e.clone();
                     p.kill();
-                    return Err(e.clone().into());
+                    return Err(ConnectError::Login { error, output: diag.take() });
                 }
                 _ => {}
             }

@@ -70,6 +70,38 @@ pub enum LoginError {
         /// Its message.
         line: String,
     },
+    /// Authentication failed without a password being involved (no usable key).
+    #[error("{method}: permission denied: {line}")]
+    PermissionDenied {
+        /// The method that was refused.
+        method: &'static str,
+        /// Its message, naming the methods the server offered.
+        line: String,
+    },
+    /// The host's key is not known and host keys are checked.
+    #[error("the host key of {host} is unknown (check_host_keys is enforcing)")]
+    HostKeyUnknown {
+        /// The host.
+        host: String,
+    },
+    /// The host's key differs from the known one: possibly an attack.
+    #[error("the host key of {host} has CHANGED from the known one")]
+    HostKeyChanged {
+        /// The host.
+        host: String,
+    },
+    /// Nothing listens on the host's port.
+    #[error("connection to {host} refused")]
+    ConnectionRefused {
+        /// The host.
+        host: String,
+    },
+    /// The host did not answer the TCP connection.
+    #[error("connection to {host} timed out")]
+    ConnectTimedOut {
+        /// The host.
+        host: String,
+    },
 }
 
 /// A sans-IO login dialogue: fed the child's terminal output as it arrives (prompts may

@@ -41,8 +41,12 @@ pub use mitogen_core::{
     RemoteErrorKind, RemoteFn, Select, Sender,
 };
 pub use mitogen_transport_local::LocalOptions;
+#[cfg(feature = "ssh")]
+pub use mitogen_transport_ssh::{HostKeyPolicy, SshOptions};
 #[cfg(feature = "sudo")]
 pub use mitogen_transport_sudo::{DoasOptions, SuOptions, SudoOptions};
+#[cfg(feature = "ssh")]
+pub use router::Ssh;
 pub use router::{run_with_router, Local, Router, RouterOptions};
 #[cfg(feature = "sudo")]
 pub use router::{Doas, Su, Sudo};

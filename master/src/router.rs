@@ -134,6 +134,12 @@ impl Router {
         self.connect(Method::Doas(spec.opts), &spec.common, spec.via.as_ref())
     }
 
+    /// Starts a context on another host through ssh (directly or through `via`).
+    #[cfg(feature = "ssh")]
+    pub fn ssh(&self, spec: Ssh) -> Result<Context, ConnectError> {
+        self.connect(Method::Ssh(spec.opts), &spec.common, spec.via.as_ref())
+    }
+
     /// Starts a context with any method, directly or through `via`.
     pub fn connect(
         &self,
@@ -410,6 +416,129 @@ impl Doas {
     /// Texts that mean the password was wrong, replacing the defaults.
     pub fn incorrect_prompts(mut self, texts: Vec<String>) -> Doas {
         self.opts.incorrect_prompts = texts;
+        self
+    }
+}
+
+/// Builder for an ssh context: which host and account, how to authenticate, through which
+/// context. Paths (identity, known hosts) are on the host that runs ssh.
+#[cfg(feature = "ssh")]
+#[derive(Debug, Clone, Default)]
+pub struct Ssh {
+    opts: mitogen_transport_ssh::SshOptions,
+    common: ConnectOptions,
+    via: Option<Context>,
+}
+
+#[cfg(feature = "ssh")]
+impl Ssh {
+    /// A connection to `hostname` (a name, an address or an ssh config `Host` alias).
+    pub fn new(hostname: impl Into<String>) -> Ssh {
+        Ssh { opts: mitogen_transport_ssh::SshOptions::new(hostname), ..Default::default() }
+    }
+
+    /// The remote account.
+    pub fn username(mut self, user: impl Into<String>) -> Ssh {
+        self.opts.username = Some(user.into());
+        self
+    }
+
+    /// The port.
+    pub fn port(mut self, port: u16) -> Ssh {
+        self.opts.port = Some(port);
+        self
+    }
+
+    /// The private key to log in with.
+    pub fn identity_file(mut self, path: impl Into<std::path::PathBuf>) -> Ssh {
+        self.opts.identity_file = Some(path.into());
+        self
+    }
+
+    /// Only the given identity, not the agent's or the default keys.
+    pub fn identities_only(mut self, on: bool) -> Ssh {
+        self.opts.identities_only = on;
+        self
+    }
+
+    /// Host-key checking (default: enforce).
+    pub fn check_host_keys(mut self, policy: mitogen_transport_ssh::HostKeyPolicy) -> Ssh {
+        self.opts.check_host_keys = policy;
+        self
+    }
+
+    /// A known-hosts file instead of the user's.
+    pub fn known_hosts_file(mut self, path: impl Into<std::path::PathBuf>) -> Ssh {
+        self.opts.known_hosts_file = Some(path.into());
+        self
+    }
+
+    /// The password for password authentication (never logged).
+    pub fn password(mut self, password: impl Into<String>) -> Ssh {
+        self.opts.password = Some(password.into());
+        self
+    }
+
+    /// ssh compression (off by default).
+    pub fn compression(mut self, on: bool) -> Ssh {
+        self.opts.compression = on;
+        self
+    }
+
+    /// Keepalive probes every `interval`, giving up after `count` unanswered ones;
+    /// `None` turns them off.
+    pub fn keepalive(mut self, interval: Option<Duration>, count: u32) -> Ssh {
+        self.opts.keepalive_interval = interval;
+        self.opts.keepalive_count = count;
+        self
+    }
+
+    /// More arguments for ssh, before the host name.
+    pub fn extra_args(mut self, args: Vec<String>) -> Ssh {
+        self.opts.extra_args = args;
+        self
+    }
+
+    /// The ssh program to run.
+    pub fn ssh_path(mut self, path: impl Into<std::path::PathBuf>) -> Ssh {
+        self.opts.ssh_path = path.into();
+        self
+    }
+
+    /// ssh's `-v` level (0 to 3); its output is logged under the new context's name.
+    pub fn ssh_debug_level(mut self, level: u8) -> Ssh {
+        self.opts.ssh_debug_level = level;
+        self
+    }
+
+    /// Sends `program` as the agent image instead of the current executable.
+    pub fn program(mut self, program: impl Into<std::path::PathBuf>) -> Ssh {
+        self.opts.program = Some(program.into());
+        self
+    }
+
+    /// Keep the image in the remote account's cache directory and reuse it.
+    pub fn cache(mut self, on: bool) -> Ssh {
+        self.opts.cache = on;
+        self
+    }
+
+    /// Has `ctx` run ssh itself.
+    pub fn via(mut self, ctx: &Context) -> Ssh {
+        self.via = Some(ctx.clone());
+        self
+    }
+
+    /// Bound on the whole connection (default 30 s); also ssh's TCP `ConnectTimeout`.
+    pub fn connect_timeout(mut self, t: Duration) -> Ssh {
+        self.common.connect_timeout = t;
+        self.opts.connect_timeout = Some(t);
+        self
+    }
+
+    /// Names the context instead of `ssh.<hostname>`.
+    pub fn name(mut self, name: impl Into<String>) -> Ssh {
+        self.common.name = Some(name.into());
         self
     }
 }

@@ -4,6 +4,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod accounts;
+pub mod e2e;
 pub mod sim;
 
 use mitogen::{Bytes, Context, Receiver, Sender};
@@ -148,6 +149,16 @@ mitogen::remote_fn! {
     }
 }
 
+mitogen::remote_fn! {
+    /// Where the agent runs from and what `ps` shows: (`/proc/self/exe` target, argv[0]).
+    pub fn whoami() -> (String, String) {
+        let exe = std::fs::read_link("/proc/self/exe").map(|p| p.display().to_string()).unwrap_or_default();
+        let cmd = std::fs::read("/proc/self/cmdline").unwrap_or_default();
+        let argv0 = String::from_utf8_lossy(cmd.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
+        (exe, argv0)
+    }
+}
+
 /// The registry of the test agent.
 pub fn registry() -> mitogen::Registry {
     mitogen::Registry::new()
@@ -165,6 +176,7 @@ pub fn registry() -> mitogen::Registry {
         .register(send_text)
         .register(call_other)
         .register(uids)
+        .register(whoami)
 }
 
 /// Snapshot of this process's resources, for leak checks.

@@ -13,6 +13,8 @@
 
 #![allow(clippy::disallowed_methods)]
 
+mod e2e;
+
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,7 +45,8 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("test") => test(),
         Some("dist") => dist(),
-        _ => bail!("usage: cargo xtask <test | dist | bench [--quick] [--reps N] [--json FILE] [--systems LIST] | check-invariants | ci>"),
+        Some("e2e") => e2e_only(&args[1..]),
+        _ => bail!("usage: cargo xtask <test | e2e [--keep] | dist | bench [--quick] [--reps N] [--json FILE] [--systems LIST] | check-invariants | ci>"),
     }
 }
 
@@ -55,15 +58,48 @@ fn ci() -> Result<()> {
     test()
 }
 
-/// Every test: doc tests, then unit, property, simulation and integration tests (nextest
-/// last, so its summary closes the output).
+/// Every test: doc tests, then unit, property, simulation, integration and end-to-end
+/// tests (nextest last, so its summary closes the output). The e2e hosts are provisioned
+/// first and torn down afterwards, whatever the outcome.
 fn test() -> Result<()> {
     // Integration tests run the stock agent of mitogen-child, another package's binary.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     // One test ships the static agent as a named image.
     let dist = build_dist()?;
-    run(cargo().args(["test", "--workspace", "--doc"]))?;
-    run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).env("MITOGEN_DIST_AGENT", dist))
+    let hosts = e2e::provision(&root())?;
+    let result = run(cargo().args(["test", "--workspace", "--doc"])).and_then(|()| {
+        run(cargo()
+            .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+            .env("MITOGEN_DIST_AGENT", &dist)
+            .env("MITOGEN_E2E", &hosts.file))
+    });
+    e2e::teardown();
+    result
+}
+
+/// Only the end-to-end tests; `--keep` leaves the hosts up.
+fn e2e_only(args: &[String]) -> Result<()> {
+    let keep = match args {
+        [] => false,
+        [k] if k == "--keep" => true,
+        _ => bail!("usage: cargo xtask e2e [--keep]"),
+    };
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let hosts = e2e::provision(&root())?;
+    let result = run(cargo()
+        .args(["nextest", "run", "--workspace", "--no-fail-fast", "-E", "binary(e2e)"])
+        .env("MITOGEN_E2E", &hosts.file));
+    if keep {
+        eprintln!(
+            "hosts kept ({}):\n{}\nreach them with: ssh -i target/e2e/id_ed25519 -o UserKnownHostsFile=target/e2e/known_hosts mitogen-test-key@<address>\nremove them with: docker rm -f $(docker ps -aq --filter name=mitogen-e2e-); docker network rm {}",
+            hosts.file.display(),
+            hosts.describe(),
+            e2e::NETWORK
+        );
+    } else {
+        e2e::teardown();
+    }
+    result
 }
 
 fn dist() -> Result<()> {

@@ -1,19 +1,31 @@
 //! The test agent: registers the test functions. Started by hand with `tree`, it acts as a
 //! master that builds child + grandchild (the grandchild hung in a call), prints
-//! `PIDS <child> <grandchild>` and waits to be killed.
+//! `PIDS <child> <grandchild>` and waits to be killed. `ssh-tree IP1 IP2 KEY KNOWN_HOSTS`
+//! does the same over ssh: IP1 as the child, IP2 reached from IP1.
 
-use mitogen::{Local, Router};
+use mitogen::{HostKeyPolicy, Local, Router, Ssh};
 use std::time::Duration;
 
 fn main() -> anyhow::Result<()> {
     mitogen::run_if_child(mitogen_tests::registry());
-    let mode = std::env::args().nth(1).unwrap_or_default();
-    if mode != "tree" {
-        anyhow::bail!("usage: mitogen-test-agent tree");
-    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
     let router = Router::new()?;
-    let child = router.local(Local::new())?;
-    let grandchild = router.local(Local::new().via(&child))?;
+    let (child, grandchild) = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["tree"] => {
+            let child = router.local(Local::new())?;
+            let grandchild = router.local(Local::new().via(&child))?;
+            (child, grandchild)
+        }
+        ["ssh-tree", ip1, ip2, key, known_hosts] => {
+            let child = router.ssh(
+                Ssh::new(ip1).username("mitogen-test-key").identity_file(key).known_hosts_file(known_hosts),
+            )?;
+            let hop = Ssh::new(ip2).username("mitogen-test-key").check_host_keys(HostKeyPolicy::Ignore);
+            let grandchild = router.ssh(hop.via(&child))?;
+            (child, grandchild)
+        }
+        _ => anyhow::bail!("usage: mitogen-test-agent tree | ssh-tree IP1 IP2 KEY KNOWN_HOSTS"),
+    };
     let pid_c = child.call(mitogen::builtins::getpid, ())?;
     let pid_g = grandchild.call(mitogen::builtins::getpid, ())?;
     let _hung = grandchild.call_async(mitogen_tests::hang, ())?;

@@ -1,0 +1,42 @@
+//! End-to-end tests against real sshd hosts (Docker containers provisioned by `cargo xtask
+//! e2e` / `cargo xtask test`; see `mitogen_tests::e2e`). One binary; the modules:
+//!
+//! - `ssh`: logins (key, password, refusals, host keys), each host's properties
+//! - `chains`: `via` chains mixing ssh and sudo, ten hops, errors on an intermediary
+//! - `faults`: hosts killed, paused or cut off mid-call; the master SIGKILLed
+
+#![allow(clippy::disallowed_methods)]
+
+mod chains;
+mod faults;
+mod ssh;
+
+use mitogen::{HostKeyPolicy, Ssh};
+use mitogen_tests::e2e::E2e;
+use std::time::Duration;
+
+/// The test agent binary (registers `mitogen_tests::registry()`).
+pub fn agent() -> &'static str {
+    env!("CARGO_BIN_EXE_mitogen-test-agent")
+}
+
+/// An ssh connection from the master to `host` as `mitogen-test-<user>`, with the test
+/// key and known_hosts.
+pub fn ssh(e: &E2e, host: &str, user: &str) -> Ssh {
+    Ssh::new(e.ip(host))
+        .username(format!("mitogen-test-{user}"))
+        .identity_file(e.key())
+        .identities_only(true)
+        .known_hosts_file(e.known_hosts())
+        .program(agent())
+        .connect_timeout(Duration::from_secs(30))
+}
+
+/// An ssh connection made by an intermediary (which has the test key as its default
+/// identity, and no known_hosts for the other hosts).
+pub fn hop(e: &E2e, host: &str, user: &str) -> Ssh {
+    Ssh::new(e.ip(host))
+        .username(format!("mitogen-test-{user}"))
+        .check_host_keys(HostKeyPolicy::Ignore)
+        .connect_timeout(Duration::from_secs(30))
+}

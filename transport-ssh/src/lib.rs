@@ -1,0 +1,283 @@
+//! The ssh transport: an agent on another host, through the OpenSSH client.
+//!
+//! `ssh` runs the sh first stage ([`mitogen_transport_local::bootstrap`]) on the far host;
+//! it receives the agent image over the same stream and runs it from memory, so nothing
+//! is installed or written there. The user's ssh configuration applies (`Host` aliases,
+//! `ProxyJump`, the agent): we only add options for what was asked.
+//!
+//! Without a password, ssh runs in `BatchMode` with its stderr on a pipe: it can never
+//! stop at a prompt. With a password, a PTY becomes its controlling terminal (data stays
+//! on the socketpair: "hybrid" TTY) and the sans-IO [`SshDialogue`] answers the prompt once.
+//! Host-key checking never prompts: `enforce` refuses unknown keys, `accept` adds new
+//! ones (`accept-new`), `ignore` uses no known-hosts file at all.
+
+#![warn(missing_docs)]
+
+mod dialogue;
+
+pub use dialogue::SshDialogue;
+
+use mitogen_core::transport::{Bootstrap, Connection, StartError, Transport};
+use mitogen_transport_local::bootstrap::{random_token, FirstStage};
+use mitogen_transport_local::{DataChannel, SELF_EXE};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// How the far host's key is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum HostKeyPolicy {
+    /// Unknown or changed keys are refused (`StrictHostKeyChecking=yes`).
+    #[default]
+    Enforce,
+    /// New keys are added to known_hosts; changed keys are refused (`accept-new`).
+    Accept,
+    /// No checking at all, nothing recorded (`StrictHostKeyChecking=no`, no known-hosts
+    /// file). Only for throw-away hosts.
+    Ignore,
+}
+
+/// Options of the ssh method.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SshOptions {
+    /// Host name, address or `Host` alias from the ssh configuration.
+    pub hostname: String,
+    /// Port (`-p`); `None` leaves it to the configuration (22).
+    pub port: Option<u16>,
+    /// Remote account (`-l`); `None` leaves it to the configuration.
+    pub username: Option<String>,
+    /// Private key file (`-i`).
+    pub identity_file: Option<PathBuf>,
+    /// Use only the given identity, not the agent's or the defaults (`IdentitiesOnly`).
+    pub identities_only: bool,
+    /// Host-key checking.
+    pub check_host_keys: HostKeyPolicy,
+    /// A known-hosts file instead of the user's (`UserKnownHostsFile`).
+    pub known_hosts_file: Option<PathBuf>,
+    /// Password for password or keyboard-interactive authentication; never logged.
+    pub password: Option<String>,
+    /// ssh compression (`-C`; off by default: it slows fast links).
+    pub compression: bool,
+    /// Keepalive probe interval (`ServerAliveInterval`); `None` disables keepalives.
+    pub keepalive_interval: Option<Duration>,
+    /// Unanswered probes before ssh gives up (`ServerAliveCountMax`).
+    pub keepalive_count: u32,
+    /// More arguments for ssh, before the host name.
+    pub extra_args: Vec<String>,
+    /// The ssh program (default `ssh` from `PATH`).
+    pub ssh_path: PathBuf,
+    /// `-v` repeated this many times (0 to 3); the output is logged under the context.
+    pub ssh_debug_level: u8,
+    /// TCP connect timeout (`ConnectTimeout`); the whole start is bounded by the common
+    /// connect timeout as well.
+    pub connect_timeout: Option<Duration>,
+    /// The agent image; `None` sends the current executable.
+    pub program: Option<PathBuf>,
+    /// Keep the image in the remote account's cache and reuse it.
+    pub cache: bool,
+}
+
+impl Default for SshOptions {
+    fn default() -> Self {
+        SshOptions {
+            hostname: String::new(),
+            port: None,
+            username: None,
+            identity_file: None,
+            identities_only: false,
+            check_host_keys: HostKeyPolicy::Enforce,
+            known_hosts_file: None,
+            password: None,
+            compression: false,
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_count: 3,
+            extra_args: Vec::new(),
+            ssh_path: "ssh".into(),
+            ssh_debug_level: 0,
+            connect_timeout: None,
+            program: None,
+            cache: false,
+        }
+    }
+}
+
+impl fmt::Debug for SshOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SshOptions")
+            .field("hostname", &self.hostname)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("identity_file", &self.identity_file)
+            .field("identities_only", &self.identities_only)
+            .field("check_host_keys", &self.check_host_keys)
+            .field("known_hosts_file", &self.known_hosts_file)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("compression", &self.compression)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_count", &self.keepalive_count)
+            .field("extra_args", &self.extra_args)
+            .field("ssh_path", &self.ssh_path)
+            .field("ssh_debug_level", &self.ssh_debug_level)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("program", &self.program)
+            .field("cache", &self.cache)
+            .finish()
+    }
+}
+
+impl SshOptions {
+    /// Options for `hostname` with the defaults.
+    pub fn new(hostname: impl Into<String>) -> SshOptions {
+        SshOptions { hostname: hostname.into(), ..Default::default() }
+    }
+
+    /// The ssh command line running the first-stage `script` on the far host. ssh joins
+    /// the remote command into one string for the remote account's shell, which only has
+    /// to `exec /bin/sh` with one single-quoted argument (the script has no single quote).
+    pub fn command(&self, script: &str) -> Command {
+        let mut cmd = Command::new(&self.ssh_path);
+        let o = |cmd: &mut Command, kv: String| {
+            cmd.arg("-o").arg(kv);
+        };
+        if let Some(p) = self.port {
+            cmd.arg("-p").arg(p.to_string());
+        }
+        if let Some(u) = &self.username {
+            cmd.arg("-l").arg(u);
+        }
+        if let Some(i) = &self.identity_file {
+            cmd.arg("-i").arg(i);
+        }
+        if self.identities_only {
+            o(&mut cmd, "IdentitiesOnly=yes".into());
+        }
+        if self.password.is_some() {
+            o(&mut cmd, "BatchMode=no".into());
+            o(&mut cmd, "NumberOfPasswordPrompts=1".into());
+        } else {
+            o(&mut cmd, "BatchMode=yes".into());
+        }
+        match self.check_host_keys {
+            HostKeyPolicy::Enforce => o(&mut cmd, "StrictHostKeyChecking=yes".into()),
+            HostKeyPolicy::Accept => o(&mut cmd, "StrictHostKeyChecking=accept-new".into()),
+            HostKeyPolicy::Ignore => {
+                o(&mut cmd, "StrictHostKeyChecking=no".into());
+                o(&mut cmd, "UserKnownHostsFile=/dev/null".into());
+                o(&mut cmd, "GlobalKnownHostsFile=/dev/null".into());
+                o(&mut cmd, "LogLevel=ERROR".into());
+            }
+        }
+        if let (Some(k), false) = (&self.known_hosts_file, self.check_host_keys == HostKeyPolicy::Ignore) {
+            o(&mut cmd, format!("UserKnownHostsFile={}", k.display()));
+        }
+        o(&mut cmd, format!("Compression={}", if self.compression { "yes" } else { "no" }));
+        match self.keepalive_interval {
+            Some(i) => {
+                o(&mut cmd, format!("ServerAliveInterval={}", i.as_secs().max(1)));
+                o(&mut cmd, format!("ServerAliveCountMax={}", self.keepalive_count.max(1)));
+            }
+            None => o(&mut cmd, "ServerAliveInterval=0".into()),
+        }
+        if let Some(t) = self.connect_timeout {
+            o(&mut cmd, format!("ConnectTimeout={}", t.as_secs().max(1)));
+        }
+        if self.ssh_debug_level > 0 {
+            cmd.arg(format!("-{}", "v".repeat(self.ssh_debug_level.min(3).into())));
+        }
+        cmd.args(&self.extra_args).arg("--").arg(&self.hostname).arg(format!("exec /bin/sh -c '{script}'"));
+        cmd
+    }
+}
+
+/// The ssh transport (OpenSSH client).
+#[derive(Debug, Clone)]
+pub struct SshTransport {
+    opts: SshOptions,
+    arg0: String,
+    image_hash: String,
+}
+
+impl SshTransport {
+    /// A transport for `opts`; `arg0` is what `ps` shows for the agent on the far host;
+    /// `image_hash` is the image's build id (the first stage's cache key).
+    pub fn new(opts: SshOptions, arg0: impl Into<String>, image_hash: impl Into<String>) -> SshTransport {
+        SshTransport { opts, arg0: arg0.into(), image_hash: image_hash.into() }
+    }
+}
+
+impl Transport for SshTransport {
+    fn method(&self) -> &'static str {
+        "ssh"
+    }
+
+    fn start(&mut self, _deadline: Instant) -> Result<Connection, StartError> {
+        let o = &self.opts;
+        if o.hostname.is_empty() || o.hostname.starts_with('-') {
+            return Err(StartError::Options(format!("invalid ssh hostname {:?}", o.hostname)));
+        }
+        let stage = FirstStage {
+            token: random_token(),
+            hash: self.image_hash.clone(),
+            argv0: self.arg0.clone(),
+            cache: o.cache,
+        };
+        let mut cmd = o.command(&stage.script());
+        let program = o.ssh_path.display().to_string();
+        let (child, stream, diag) =
+            mitogen_transport_local::spawn_hybrid(&mut cmd, o.password.is_some(), DataChannel::SocketPair)
+                .map_err(|source| StartError::Spawn { program, source })?;
+        drop(cmd);
+        let image = o.program.clone().unwrap_or_else(|| PathBuf::from(SELF_EXE));
+        Ok(Connection {
+            read: stream.read,
+            write: stream.write,
+            diag,
+            process: Some(child),
+            description: format!("ssh {}", o.hostname),
+            bootstrap: Bootstrap::FirstStage { token: stage.token, image, cache: o.cache },
+            dialogue: Some(Box::new(SshDialogue::new(o.hostname.clone(), o.password.clone()))),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(c: &Command) -> Vec<String> {
+        c.get_args().map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn batch_mode_without_password_and_the_remote_command_last() {
+        let o = SshOptions { port: Some(2222), username: Some("bob".into()), ..SshOptions::new("h1") };
+        let a = args(&o.command("echo x"));
+        assert!(a.contains(&"BatchMode=yes".to_string()));
+        assert!(a.contains(&"StrictHostKeyChecking=yes".to_string()));
+        assert!(a.contains(&"Compression=no".to_string()));
+        assert_eq!(&a[a.len() - 3..], ["--", "h1", "exec /bin/sh -c 'echo x'"]);
+        assert_eq!(&a[..4], ["-p", "2222", "-l", "bob"]);
+    }
+
+    #[test]
+    fn password_policy_keepalive_and_debug() {
+        let o = SshOptions {
+            password: Some("hunter2".into()),
+            check_host_keys: HostKeyPolicy::Ignore,
+            keepalive_interval: None,
+            ssh_debug_level: 2,
+            ..SshOptions::new("h1")
+        };
+        let a = args(&o.command("x"));
+        assert!(a.contains(&"BatchMode=no".to_string()));
+        assert!(a.contains(&"UserKnownHostsFile=/dev/null".to_string()));
+        assert!(a.contains(&"ServerAliveInterval=0".to_string()));
+        assert!(a.contains(&"-vv".to_string()));
+        assert!(!a.iter().any(|x| x.contains("hunter2")), "the password is never on the command line");
+        assert!(!format!("{o:?}").contains("hunter2"));
+    }
+}
