@@ -60,6 +60,9 @@ pub enum Method {
     /// Another host, through the OpenSSH client.
     #[cfg(feature = "ssh")]
     Ssh(mitogen_transport_ssh::SshOptions),
+    /// A running container on the connecting context's host (docker/podman exec).
+    #[cfg(feature = "container")]
+    Container(mitogen_transport_container::ContainerOptions),
 }
 
 impl Method {
@@ -78,6 +81,10 @@ impl Method {
             }
             #[cfg(feature = "ssh")]
             Method::Ssh(o) => Box::new(mitogen_transport_ssh::SshTransport::new(o.clone(), arg0, image_hash)),
+            #[cfg(feature = "container")]
+            Method::Container(o) => {
+                Box::new(mitogen_transport_container::ContainerTransport::new(o.clone(), arg0, image_hash))
+            }
         }
     }
 
@@ -96,6 +103,8 @@ impl Method {
                 Some(p) => format!("ssh.{}:{p}", o.hostname),
                 None => format!("ssh.{}", o.hostname),
             },
+            #[cfg(feature = "container")]
+            Method::Container(o) => format!("{}.{}", o.runtime.name(), o.container),
         }
     }
 
@@ -108,6 +117,8 @@ impl Method {
             Method::Sudo(_) | Method::Su(_) | Method::Doas(_) => true,
             #[cfg(feature = "ssh")]
             Method::Ssh(_) => true,
+            #[cfg(feature = "container")]
+            Method::Container(_) => true,
         }
     }
 
@@ -123,6 +134,8 @@ impl Method {
             Method::Doas(o) => &o.program,
             #[cfg(feature = "ssh")]
             Method::Ssh(o) => &o.program,
+            #[cfg(feature = "container")]
+            Method::Container(o) => &o.program,
         };
         match program {
             None => build_id::current().map(str::to_string),

@@ -40,11 +40,15 @@ pub use mitogen_core::{
     remote_fn, Bytes, CallError, Context, ContextId, DeadReason, LoginError, Receiver, RemoteError,
     RemoteErrorKind, RemoteFn, Select, Sender,
 };
+#[cfg(feature = "container")]
+pub use mitogen_transport_container::{ContainerOptions, Runtime};
 pub use mitogen_transport_local::LocalOptions;
 #[cfg(feature = "ssh")]
 pub use mitogen_transport_ssh::{HostKeyPolicy, SshOptions};
 #[cfg(feature = "sudo")]
 pub use mitogen_transport_sudo::{DoasOptions, SuOptions, SudoOptions};
+#[cfg(feature = "container")]
+pub use router::Container;
 #[cfg(feature = "ssh")]
 pub use router::Ssh;
 pub use router::{run_with_router, Local, Router, RouterOptions};

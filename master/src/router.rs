@@ -140,6 +140,12 @@ impl Router {
         self.connect(Method::Ssh(spec.opts), &spec.common, spec.via.as_ref())
     }
 
+    /// Starts a context inside a running container (directly or through `via`).
+    #[cfg(feature = "container")]
+    pub fn container(&self, spec: Container) -> Result<Context, ConnectError> {
+        self.connect(Method::Container(spec.opts), &spec.common, spec.via.as_ref())
+    }
+
     /// Starts a context with any method, directly or through `via`.
     pub fn connect(
         &self,
@@ -538,6 +544,85 @@ impl Ssh {
 
     /// Names the context instead of `ssh.<hostname>`.
     pub fn name(mut self, name: impl Into<String>) -> Ssh {
+        self.common.name = Some(name.into());
+        self
+    }
+}
+
+/// Builder for a container context: `docker exec` (or `podman exec`) into a running
+/// container on the host of the context that connects.
+#[cfg(feature = "container")]
+#[derive(Debug, Clone, Default)]
+pub struct Container {
+    opts: mitogen_transport_container::ContainerOptions,
+    common: ConnectOptions,
+    via: Option<Context>,
+}
+
+#[cfg(feature = "container")]
+impl Container {
+    /// `docker exec` into `container` (a name or id).
+    pub fn docker(container: impl Into<String>) -> Container {
+        let opts = mitogen_transport_container::ContainerOptions::new(
+            mitogen_transport_container::Runtime::Docker,
+            container,
+        );
+        Container { opts, ..Default::default() }
+    }
+
+    /// `podman exec` into `container` (a name or id).
+    pub fn podman(container: impl Into<String>) -> Container {
+        let opts = mitogen_transport_container::ContainerOptions::new(
+            mitogen_transport_container::Runtime::Podman,
+            container,
+        );
+        Container { opts, ..Default::default() }
+    }
+
+    /// The account inside the container (`-u`).
+    pub fn username(mut self, user: impl Into<String>) -> Container {
+        self.opts.username = Some(user.into());
+        self
+    }
+
+    /// The runtime's client program.
+    pub fn runtime_path(mut self, path: impl Into<std::path::PathBuf>) -> Container {
+        self.opts.runtime_path = Some(path.into());
+        self
+    }
+
+    /// More arguments for `exec`.
+    pub fn extra_args(mut self, args: Vec<String>) -> Container {
+        self.opts.extra_args = args;
+        self
+    }
+
+    /// Sends `program` as the agent image instead of the current executable.
+    pub fn program(mut self, program: impl Into<std::path::PathBuf>) -> Container {
+        self.opts.program = Some(program.into());
+        self
+    }
+
+    /// Keep the image in the container account's cache directory and reuse it.
+    pub fn cache(mut self, on: bool) -> Container {
+        self.opts.cache = on;
+        self
+    }
+
+    /// Has `ctx` run the runtime's client itself.
+    pub fn via(mut self, ctx: &Context) -> Container {
+        self.via = Some(ctx.clone());
+        self
+    }
+
+    /// Bound on the whole connection (default 30 s).
+    pub fn connect_timeout(mut self, t: Duration) -> Container {
+        self.common.connect_timeout = t;
+        self
+    }
+
+    /// Names the context instead of `docker.<container>`.
+    pub fn name(mut self, name: impl Into<String>) -> Container {
         self.common.name = Some(name.into());
         self
     }

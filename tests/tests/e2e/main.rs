@@ -3,11 +3,13 @@
 //!
 //! - `ssh`: logins (key, password, refusals, host keys), each host's properties
 //! - `chains`: `via` chains mixing ssh and sudo, ten hops, errors on an intermediary
+//! - `containers`: docker exec, directly and through ssh + sudo on a container host
 //! - `faults`: hosts killed, paused or cut off mid-call; the master SIGKILLed
 
 #![allow(clippy::disallowed_methods)]
 
 mod chains;
+mod containers;
 mod faults;
 mod ssh;
 

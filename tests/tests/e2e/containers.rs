@@ -1,0 +1,66 @@
+use crate::{agent, ssh};
+use mitogen::{ConnectError, Container, Router, Sudo};
+use mitogen_tests::e2e::E2e;
+use mitogen_tests::*;
+
+#[test]
+fn docker_exec_into_containers_as_an_account() {
+    let e = E2e::get();
+    let r = Router::new().unwrap();
+    let c = r
+        .container(Container::docker(e.container("plain")).username("mitogen-test-key").program(agent()))
+        .unwrap();
+    assert_eq!(c.name(), format!("docker.{}", e.container("plain")));
+    let (exe, _) = c.call(whoami, ()).unwrap();
+    assert!(exe.starts_with("/memfd:"), "{exe}");
+    let out = c.call(mitogen::builtins::run_command, (vec!["id".into(), "-un".into()],)).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "mitogen-test-key");
+    // Without perl or python in the container: the unlinked-file loader.
+    let c = r.container(Container::docker(e.container("noperl")).program(agent())).unwrap();
+    let (exe, _) = c.call(whoami, ()).unwrap();
+    assert!(exe.ends_with("(deleted)"), "{exe}");
+    assert_eq!(c.call(uids, ()).unwrap().0, 0);
+}
+
+#[test]
+fn docker_exec_through_ssh_and_sudo_on_a_container_host() {
+    let e = E2e::get();
+    let r = Router::new().unwrap();
+    // plain has the engine's socket; only root may use it.
+    let host = r.ssh(ssh(&e, "plain", "sudo")).unwrap();
+    let root = r.sudo(Sudo::new().via(&host)).unwrap();
+    let c = r
+        .container(Container::docker(e.container("noexec")).username("mitogen-test-key").via(&root))
+        .unwrap();
+    assert_eq!(c.name(), format!("ssh.{}.sudo.root.docker.{}", e.ip("plain"), e.container("noexec")));
+    let data = mitogen::Bytes(block(2, 2, 2 << 20));
+    assert_eq!(c.call(echo, (data.clone(),)).unwrap(), data);
+}
+
+#[test]
+fn a_missing_container_is_a_typed_error() {
+    let r = Router::new().unwrap();
+    let err = r.container(Container::docker("mitogen-e2e-does-not-exist").program(agent())).unwrap_err();
+    match err {
+        ConnectError::Login { error: mitogen::LoginError::Refused { method: "docker", line }, .. } => {
+            assert!(line.contains("No such container"), "{line}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn container_killed_mid_call_fails_the_pending_call() {
+    let e = E2e::get();
+    let h = e.private_host("dkill");
+    let r = Router::new().unwrap();
+    let c = r.container(Container::docker(&h.name).program(agent())).unwrap();
+    let mut pending = c.call_async(hang, ()).unwrap();
+    let t = std::time::Instant::now();
+    h.docker("kill", &[]);
+    let err = pending.get(Some(std::time::Duration::from_secs(30))).unwrap_err();
+    assert_eq!(err.dead_reason(), Some(mitogen::DeadReason::Disconnected), "{err:?}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(c.call(add, (1, 1)).unwrap_err().dead_reason(), Some(mitogen::DeadReason::NoRoute));
+    assert_eq!(hygiene().zombies, 0);
+}
