@@ -41,9 +41,9 @@ def lifecycle():
     report("lifecycle", "median", samples[len(samples) // 2], "ms")
 
 
-def roundtrip(via):
+def roundtrip(via, spec=None, name=None):
     group = execnet.Group()
-    first = group.makegateway("popen//id=first")
+    first = group.makegateway(spec or "popen//id=first")
     gw = group.makegateway("popen//via=first") if via else first
     ch = gw.remote_exec(ECHO)
     samples = []
@@ -54,12 +54,12 @@ def roundtrip(via):
         if i >= 200:
             samples.append(micros(now() - t))
         assert v == i
-    report_latency("roundtrip-via" if via else "roundtrip", samples)
+    report_latency(name or ("roundtrip-via" if via else "roundtrip"), samples)
     group.terminate()
 
 
-def stream_c2p():
-    gw = execnet.makegateway()
+def stream_c2p(spec=None, name="stream-c2p"):
+    gw = execnet.makegateway(spec)
     ch = gw.remote_exec(SOURCE)
     t = now()
     ch.send((BLOCKS, MIB))
@@ -68,12 +68,12 @@ def stream_c2p():
         total += len(ch.receive())
     secs = now() - t
     assert total == BLOCKS * MIB
-    report("stream-c2p", "throughput", (total / MIB) / secs, "MiB/s")
+    report(name, "throughput", (total / MIB) / secs, "MiB/s")
     gw.exit()
 
 
-def args_p2c():
-    gw = execnet.makegateway()
+def args_p2c(spec=None, name="args-p2c"):
+    gw = execnet.makegateway(spec)
     ch = gw.remote_exec(SINK)
     block = random_block()
     t = now()
@@ -89,7 +89,7 @@ def args_p2c():
         total += ch.receive()
     secs = now() - t
     assert total == BLOCKS * MIB
-    report("args-p2c", "throughput", BLOCKS / secs, "MiB/s")
+    report(name, "throughput", BLOCKS / secs, "MiB/s")
     gw.exit()
 
 
@@ -106,7 +106,48 @@ def fanout(n):
     group.terminate()
 
 
+def ssh_spec():
+    """The ssh target of cargo xtask bench --ssh, with the same options as ours. execnet
+    always passes -C (compression); a wrapper ssh first on PATH drops it, for fairness."""
+    wrapper_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "mitogen-bench-ssh-%d" % os.getpid())
+    os.makedirs(wrapper_dir, exist_ok=True)
+    wrapper = os.path.join(wrapper_dir, "ssh")
+    real = "/usr/bin/ssh"
+    with open(wrapper, "w") as f:
+        f.write('#!/bin/sh\nfor a; do shift; [ "$a" = -C ] || set -- "$@" "$a"; done\nexec %s "$@"\n' % real)
+    os.chmod(wrapper, 0o755)
+    os.environ["PATH"] = wrapper_dir + ":" + os.environ["PATH"]
+    user, host = os.environ["MITOGEN_BENCH_SSH"].split("@", 1)
+    opts = "-i %s -o IdentitiesOnly=yes -o Compression=no -o UserKnownHostsFile=%s -l %s %s" % (
+        os.environ["MITOGEN_BENCH_SSH_KEY"],
+        os.environ["MITOGEN_BENCH_SSH_KNOWN_HOSTS"],
+        user,
+        host,
+    )
+    return "ssh=%s//python=python3" % opts
+
+
+def ssh_lifecycle():
+    spec = ssh_spec()
+    samples = []
+    for _ in range(20):
+        t = now()
+        gw = execnet.makegateway(spec)
+        ch = gw.remote_exec(ECHO)
+        ch.send(1)
+        ch.receive()
+        gw.exit()
+        gw.join()
+        samples.append(micros(now() - t) / 1000)
+    samples.sort()
+    report("ssh-lifecycle", "median", samples[len(samples) // 2], "ms")
+
+
 WORKLOADS = {
+    "ssh-lifecycle": ssh_lifecycle,
+    "ssh-roundtrip": lambda: roundtrip(False, ssh_spec(), "ssh-roundtrip"),
+    "ssh-stream-c2p": lambda: stream_c2p(ssh_spec(), "ssh-stream-c2p"),
+    "ssh-args-p2c": lambda: args_p2c(ssh_spec(), "ssh-args-p2c"),
     "lifecycle": lifecycle,
     "roundtrip": lambda: roundtrip(False),
     "roundtrip-via": lambda: roundtrip(True),

@@ -47,9 +47,10 @@ def lifecycle(router):
     report("lifecycle", "median", samples[len(samples) // 2], "ms")
 
 
-def roundtrip(router, via):
-    first = router.local()
-    ctx = router.local(via=first) if via else first
+def roundtrip(router, via, ctx=None, name=None):
+    if ctx is None:
+        first = router.local()
+        ctx = router.local(via=first) if via else first
     samples = []
     for i in range(5200):
         t = now()
@@ -57,11 +58,11 @@ def roundtrip(router, via):
         if i >= 200:
             samples.append(micros(now() - t))
         assert v == i
-    report_latency("roundtrip-via" if via else "roundtrip", samples)
+    report_latency(name or ("roundtrip-via" if via else "roundtrip"), samples)
 
 
-def stream_c2p(router):
-    ctx = router.local()
+def stream_c2p(router, ctx=None, name="stream-c2p"):
+    ctx = ctx or router.local()
     ctx.call(echo, 0)
     recv = mitogen.core.Receiver(router)
     t = now()
@@ -72,11 +73,11 @@ def stream_c2p(router):
     secs = now() - t
     pending.get().unpickle()
     assert total == BLOCKS * MIB, total
-    report("stream-c2p", "throughput", (total / MIB) / secs, "MiB/s")
+    report(name, "throughput", (total / MIB) / secs, "MiB/s")
 
 
-def args_p2c(router):
-    ctx = router.local()
+def args_p2c(router, ctx=None, name="args-p2c"):
+    ctx = ctx or router.local()
     ctx.call(echo, 0)
     block = random_block()
     t = now()
@@ -90,7 +91,7 @@ def args_p2c(router):
         total += r.get().unpickle()
     secs = now() - t
     assert total == BLOCKS * MIB
-    report("args-p2c", "throughput", BLOCKS / secs, "MiB/s")
+    report(name, "throughput", BLOCKS / secs, "MiB/s")
 
 
 def fanout(router, n):
@@ -122,7 +123,37 @@ def sudo_lifecycle(router):
     report("sudo-lifecycle", "median", samples[len(samples) // 2], "ms")
 
 
+def ssh(router):
+    """The ssh target of cargo xtask bench --ssh, with the same options as ours."""
+    user, host = os.environ["MITOGEN_BENCH_SSH"].split("@", 1)
+    return router.ssh(
+        hostname=host,
+        username=user,
+        identity_file=os.environ["MITOGEN_BENCH_SSH_KEY"],
+        identities_only=True,
+        compression=False,
+        python_path="python3",
+        ssh_args=["-o", "UserKnownHostsFile=" + os.environ["MITOGEN_BENCH_SSH_KNOWN_HOSTS"]],
+    )
+
+
+def ssh_lifecycle(router):
+    samples = []
+    for _ in range(20):
+        t = now()
+        ctx = ssh(router)
+        ctx.call(echo, 1)
+        ctx.shutdown(wait=True)
+        samples.append(micros(now() - t) / 1000)
+    samples.sort()
+    report("ssh-lifecycle", "median", samples[len(samples) // 2], "ms")
+
+
 WORKLOADS = {
+    "ssh-lifecycle": ssh_lifecycle,
+    "ssh-roundtrip": lambda r: roundtrip(r, False, ssh(r), "ssh-roundtrip"),
+    "ssh-stream-c2p": lambda r: stream_c2p(r, ssh(r), "ssh-stream-c2p"),
+    "ssh-args-p2c": lambda r: args_p2c(r, ssh(r), "ssh-args-p2c"),
     "lifecycle": lifecycle,
     "roundtrip": lambda r: roundtrip(r, False),
     "roundtrip-via": lambda r: roundtrip(r, True),

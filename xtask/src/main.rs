@@ -17,7 +17,7 @@ mod e2e;
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn root() -> PathBuf {
@@ -236,6 +236,19 @@ const SUDO_WORKLOADS: &[(&str, bool)] = &[
     ("sudo-bootstrap", false),
 ];
 
+/// Workloads over ssh to an e2e host: run with `--ssh` (it provisions the e2e hosts and
+/// removes them afterwards). Compression is off for every system.
+const SSH_WORKLOADS: &[(&str, bool)] = &[
+    ("floor-ssh", false),
+    ("floor-ssh-down", false),
+    ("floor-ssh-up", false),
+    ("ssh-lifecycle", false),
+    ("ssh-lifecycle-cached", false),
+    ("ssh-roundtrip", false),
+    ("ssh-stream-c2p", false),
+    ("ssh-args-p2c", false),
+];
+
 /// The systems compared: ours and the Python peers (bench/peers/*.py).
 const SYSTEMS: &[&str] = &["ours", "mitogen", "execnet"];
 
@@ -335,6 +348,7 @@ fn bench(args: &[String]) -> Result<()> {
     let mut systems: Vec<String> = SYSTEMS.iter().map(|s| s.to_string()).collect();
     let mut refresh = false;
     let mut with_sudo = false;
+    let mut with_ssh = false;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -353,7 +367,8 @@ fn bench(args: &[String]) -> Result<()> {
             }
             "--refresh-peers" => refresh = true,
             "--sudo" => with_sudo = true,
-            other => bail!("unknown bench option {other} (--quick, --reps N, --json FILE, --systems a,b, --refresh-peers, --sudo)"),
+            "--ssh" => with_ssh = true,
+            other => bail!("unknown bench option {other} (--quick, --reps N, --json FILE, --systems a,b, --refresh-peers, --sudo, --ssh)"),
         }
         i += 1;
     }
@@ -364,60 +379,33 @@ fn bench(args: &[String]) -> Result<()> {
     let bin = root().join("target/release/mitogen-bench");
     let peers = if systems.iter().any(|s| s != "ours") { Some(peer_python(refresh)?) } else { None };
 
-    let mut results: Results = BTreeMap::new();
-    let mut loads = Vec::new();
     let mut workloads: Vec<(&str, bool)> = WORKLOADS.to_vec();
     if with_sudo {
         workloads.extend_from_slice(SUDO_WORKLOADS);
     }
-    for rep in 1..=reps {
-        for &(w, pinned) in &workloads {
-            for system in &systems {
-                if (w.starts_with("floor-") || w == "sudo-bootstrap" || w == "sudo-lifecycle-cached")
-                    && system != "ours"
-                {
-                    continue;
-                }
-                let mut cmd = if pinned {
-                    let mut c = Command::new("taskset");
-                    c.args(["-c", "0"]);
-                    c
-                } else {
-                    // `env` as a neutral launcher keeps both branches one shape.
-                    Command::new("env")
-                };
-                match (system.as_str(), &peers) {
-                    ("ours", _) => {
-                        cmd.arg(&bin);
-                    }
-                    (peer, Some((python, _))) => {
-                        cmd.arg(python).arg(root().join(format!("bench/peers/{peer}_bench.py")));
-                    }
-                    _ => unreachable!("peers are prepared when a peer system is selected"),
-                }
-                // Fairness: unbuffered stdio makes Mitogen read its bootstrap a byte at a time.
-                cmd.arg(w).env_remove("PYTHONUNBUFFERED");
-                if with_sudo {
-                    cmd.env("MITOGEN_TEST_ACCOUNTS", "1");
-                }
-                loads.push(wait_idle());
-                eprint!(
-                    "\rrep {rep}/{reps}: {system} {w}{}                ",
-                    if pinned { " (pinned)" } else { "" }
-                );
-                let out = run_limited(cmd, &format!("{system} {w}"))?;
-                for line in out.lines() {
-                    let f: Vec<&str> = line.split_whitespace().collect();
-                    if f.len() == 5 && f[0] == "RESULT" {
-                        let key = (system.clone(), f[1].to_string(), f[2].to_string(), pinned);
-                        let e = results.entry(key).or_insert((Vec::new(), f[4].into()));
-                        e.0.push(f[3].parse()?);
-                    }
-                }
-            }
-        }
+    let ssh_env = if with_ssh {
+        workloads.extend_from_slice(SSH_WORKLOADS);
+        let hosts = e2e::provision(&root())?;
+        let text = std::fs::read_to_string(&hosts.file)?;
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+                .context("hosts file")
+        };
+        vec![
+            ("MITOGEN_BENCH_SSH", format!("mitogen-test-key@{}", get("plain")?)),
+            ("MITOGEN_BENCH_SSH_KEY", get("key")?),
+            ("MITOGEN_BENCH_SSH_KNOWN_HOSTS", get("known_hosts")?),
+        ]
+    } else {
+        Vec::new()
+    };
+    let outcome = run_reps(reps, &workloads, &systems, &bin, &peers, with_sudo, &ssh_env);
+    if with_ssh {
+        e2e::teardown();
     }
-    eprintln!();
+    let (results, loads) = outcome?;
     if let Some(path) = json {
         std::fs::write(&path, to_json(&results))?;
         eprintln!("raw results written to {}", path.display());
@@ -524,6 +512,70 @@ fn print_table(results: &Results, systems: &[String], reps: usize, loads: &[f64]
     }
 }
 
+/// Every rep of every workload for every system, interleaved; fresh processes.
+fn run_reps(
+    reps: usize,
+    workloads: &[(&str, bool)],
+    systems: &[String],
+    bin: &Path,
+    peers: &Option<(PathBuf, String)>,
+    with_sudo: bool,
+    ssh_env: &[(&str, String)],
+) -> Result<(Results, Vec<f64>)> {
+    let mut results: Results = BTreeMap::new();
+    let mut loads = Vec::new();
+    for rep in 1..=reps {
+        for &(w, pinned) in workloads {
+            for system in systems {
+                if (w.starts_with("floor-") || w.ends_with("-cached") || w == "sudo-bootstrap")
+                    && system != "ours"
+                {
+                    continue;
+                }
+                let mut cmd = if pinned {
+                    let mut c = Command::new("taskset");
+                    c.args(["-c", "0"]);
+                    c
+                } else {
+                    // `env` as a neutral launcher keeps both branches one shape.
+                    Command::new("env")
+                };
+                match (system.as_str(), &peers) {
+                    ("ours", _) => {
+                        cmd.arg(bin);
+                    }
+                    (peer, Some((python, _))) => {
+                        cmd.arg(python).arg(root().join(format!("bench/peers/{peer}_bench.py")));
+                    }
+                    _ => unreachable!("peers are prepared when a peer system is selected"),
+                }
+                // Fairness: unbuffered stdio makes Mitogen read its bootstrap a byte at a time.
+                cmd.arg(w).env_remove("PYTHONUNBUFFERED");
+                if with_sudo {
+                    cmd.env("MITOGEN_TEST_ACCOUNTS", "1");
+                }
+                cmd.envs(ssh_env.iter().map(|(k, v)| (k, v)));
+                loads.push(wait_idle());
+                eprint!(
+                    "\rrep {rep}/{reps}: {system} {w}{}                ",
+                    if pinned { " (pinned)" } else { "" }
+                );
+                let out = run_limited(cmd, &format!("{system} {w}"))?;
+                for line in out.lines() {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    if f.len() == 5 && f[0] == "RESULT" {
+                        let key = (system.clone(), f[1].to_string(), f[2].to_string(), pinned);
+                        let e = results.entry(key).or_insert((Vec::new(), f[4].into()));
+                        e.0.push(f[3].parse()?);
+                    }
+                }
+            }
+        }
+    }
+    eprintln!();
+    Ok((results, loads))
+}
+
 type Lookup<'a> = &'a dyn Fn(&str, &str, &str, bool) -> Option<f64>;
 
 /// Ratio of our figure to its floor, and the verdict against the issues' targets.
@@ -572,6 +624,21 @@ fn judge(w: &str, m: &str, pinned: bool, v: f64, med: Lookup<'_>) -> (String, St
             )
         }
         ("sudo-bootstrap", "command-line") => (String::new(), verdict(v <= 1024.0, "<= 1 KiB")),
+        ("ssh-lifecycle", "median") | ("ssh-lifecycle-cached", "median") => {
+            let extra = med("ours", "floor-ssh", "median", false).map(|f| v - f);
+            let limit = if w == "ssh-lifecycle" { 40.0 } else { 10.0 };
+            (
+                extra.map(|e| format!("+{e:.2} ms")).unwrap_or_default(),
+                extra
+                    .map(|e| verdict(e <= limit, &format!("within {limit} ms of ssh HOST true")))
+                    .unwrap_or_default(),
+            )
+        }
+        ("ssh-stream-c2p", _) | ("ssh-args-p2c", _) => {
+            let floor = if w == "ssh-stream-c2p" { "floor-ssh-down" } else { "floor-ssh-up" };
+            let r = ratio(med("ours", floor, "throughput", false));
+            (fmt(r), verdict(r.is_some_and(|r| r >= 0.95), ">= 95% of ssh HOST cat"))
+        }
         _ => (String::new(), String::new()),
     }
 }

@@ -3,7 +3,7 @@
 //! form `RESULT <workload> <metric> <value> <unit>`; `cargo xtask bench` runs every workload
 //! in fresh processes, repeats them and prints the table. The program is its own agent.
 
-use mitogen::{Bytes, Local, Receiver, Router, Sender};
+use mitogen::{Bytes, Context, Local, Receiver, Router, Sender};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -86,6 +86,23 @@ fn main() -> anyhow::Result<()> {
         "sudo-lifecycle" => sudo_lifecycle(false),
         "sudo-lifecycle-cached" => sudo_lifecycle(true),
         "sudo-bootstrap" => sudo_bootstrap(),
+        "floor-ssh" => floor_ssh(),
+        "floor-ssh-down" => floor_ssh_down(),
+        "floor-ssh-up" => floor_ssh_up(),
+        "ssh-lifecycle" => ssh_lifecycle(false),
+        "ssh-lifecycle-cached" => ssh_lifecycle(true),
+        "ssh-roundtrip" => {
+            let r = Router::new()?;
+            roundtrip_on(&r.ssh(ssh_spec())?, "ssh-roundtrip")
+        }
+        "ssh-stream-c2p" => {
+            let r = Router::new()?;
+            stream_c2p_on(&r, &r.ssh(ssh_spec())?, "ssh-stream-c2p")
+        }
+        "ssh-args-p2c" => {
+            let r = Router::new()?;
+            args_p2c_on(&r.ssh(ssh_spec())?, "ssh-args-p2c")
+        }
         _ => anyhow::bail!("unknown workload {w:?}"),
     }
 }
@@ -235,6 +252,11 @@ fn roundtrip(via: bool) -> anyhow::Result<()> {
     let r = Router::new()?;
     let first = r.local(Local::new())?;
     let c = if via { r.local(Local::new().via(&first))? } else { first.clone() };
+    roundtrip_on(&c, if via { "roundtrip-via" } else { "roundtrip" })
+}
+
+/// Median and p99 of 5000 echo calls after 200 warm-up calls.
+fn roundtrip_on(c: &Context, w: &str) -> anyhow::Result<()> {
     let mut samples = Vec::new();
     for i in 0..5200u64 {
         let t = Instant::now();
@@ -245,7 +267,6 @@ fn roundtrip(via: bool) -> anyhow::Result<()> {
         anyhow::ensure!(v == i);
     }
     samples.sort_by(f64::total_cmp);
-    let w = if via { "roundtrip-via" } else { "roundtrip" };
     report(w, "median", pct(&samples, 0.5), "us");
     report(w, "p99", pct(&samples, 0.99), "us");
     Ok(())
@@ -253,7 +274,11 @@ fn roundtrip(via: bool) -> anyhow::Result<()> {
 
 fn stream_c2p() -> anyhow::Result<()> {
     let r = Router::new()?;
-    let c = r.local(Local::new())?;
+    stream_c2p_on(&r, &r.local(Local::new())?, "stream-c2p")
+}
+
+/// 256 x 1 MiB child -> parent through a Sender.
+fn stream_c2p_on(r: &Router, c: &Context, w: &str) -> anyhow::Result<()> {
     c.call(echo, (0,))?;
     let rx = Receiver::<Bytes>::new(r.broker())?;
     let t = Instant::now();
@@ -265,13 +290,17 @@ fn stream_c2p() -> anyhow::Result<()> {
     let secs = t.elapsed().as_secs_f64();
     pending.get(None)?;
     anyhow::ensure!(total == BLOCKS as usize * MIB);
-    report("stream-c2p", "throughput", (total / MIB) as f64 / secs, "MiB/s");
+    report(w, "throughput", (total / MIB) as f64 / secs, "MiB/s");
     Ok(())
 }
 
 fn args_p2c() -> anyhow::Result<()> {
     let r = Router::new()?;
-    let c = r.local(Local::new())?;
+    args_p2c_on(&r.local(Local::new())?, "args-p2c")
+}
+
+/// 256 x 1 MiB parent -> child as call arguments, 4 calls in flight.
+fn args_p2c_on(c: &Context, w: &str) -> anyhow::Result<()> {
     c.call(echo, (0,))?;
     let block = random(MIB, 5);
     let t = Instant::now();
@@ -288,7 +317,7 @@ fn args_p2c() -> anyhow::Result<()> {
     }
     let secs = t.elapsed().as_secs_f64();
     anyhow::ensure!(total == BLOCKS * MIB as u64);
-    report("args-p2c", "throughput", (BLOCKS as f64) / secs, "MiB/s");
+    report(w, "throughput", (BLOCKS as f64) / secs, "MiB/s");
     Ok(())
 }
 
@@ -405,5 +434,118 @@ fn sudo_bootstrap() -> anyhow::Result<()> {
     report("sudo-bootstrap", "command-line", stage.script().len() as f64, "bytes");
     report("sudo-bootstrap", "sent-fresh", fresh as f64, "bytes");
     report("sudo-bootstrap", "sent-cached", cached as f64, "bytes");
+    Ok(())
+}
+
+/// The sshd host of the ssh workloads: `MITOGEN_BENCH_SSH` = `user@address`, with
+/// `MITOGEN_BENCH_SSH_KEY` and `MITOGEN_BENCH_SSH_KNOWN_HOSTS` (set by `cargo xtask bench
+/// --ssh`, which provisions the e2e hosts).
+fn ssh_target() -> anyhow::Result<(String, String, String, String)> {
+    let var =
+        |k: &str| std::env::var(k).map_err(|_| anyhow::anyhow!("{k} is unset (run cargo xtask bench --ssh)"));
+    let target = var("MITOGEN_BENCH_SSH")?;
+    let (user, host) =
+        target.split_once('@').ok_or_else(|| anyhow::anyhow!("MITOGEN_BENCH_SSH is user@host"))?;
+    Ok((user.into(), host.into(), var("MITOGEN_BENCH_SSH_KEY")?, var("MITOGEN_BENCH_SSH_KNOWN_HOSTS")?))
+}
+
+/// The same options for every ssh workload: key, known hosts, compression off.
+fn ssh_spec() -> mitogen::Ssh {
+    let (user, host, key, kh) = ssh_target().expect("ssh target");
+    mitogen::Ssh::new(host)
+        .username(user)
+        .identity_file(key)
+        .identities_only(true)
+        .known_hosts_file(kh)
+        .compression(false)
+        .connect_timeout(Duration::from_secs(30))
+}
+
+/// `ssh <same options> HOST <command>`, stdin and stdout as given.
+fn ssh_command(command: &str) -> anyhow::Result<std::process::Command> {
+    let (user, host, key, kh) = ssh_target()?;
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.args(["-l", &user, "-i", &key, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"]).args([
+        "-o",
+        &format!("UserKnownHostsFile={kh}"),
+        "-o",
+        "Compression=no",
+        "--",
+        &host,
+        command,
+    ]);
+    Ok(cmd)
+}
+
+/// The floor for ssh lifecycle: `ssh HOST true`, median of 20.
+fn floor_ssh() -> anyhow::Result<()> {
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let out = ssh_command("true")?.output()?;
+        anyhow::ensure!(out.status.success(), "ssh HOST true: {}", String::from_utf8_lossy(&out.stderr));
+        samples.push(micros(t.elapsed()) / 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    report("floor-ssh", "median", pct(&samples, 0.5), "ms");
+    Ok(())
+}
+
+/// The floor for ssh child -> parent: 256 MiB from `ssh HOST head -c N /dev/zero` (the
+/// cipher's cost does not depend on the bytes; compression is off).
+fn floor_ssh_down() -> anyhow::Result<()> {
+    let n = BLOCKS as usize * MIB;
+    let t = Instant::now();
+    let mut child =
+        ssh_command(&format!("head -c {n} /dev/zero"))?.stdout(std::process::Stdio::piped()).spawn()?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut buf = vec![0u8; MIB];
+    let mut total = 0;
+    loop {
+        let k = out.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        total += k;
+    }
+    anyhow::ensure!(child.wait()?.success() && total == n, "short read: {total}");
+    report("floor-ssh-down", "throughput", (n / MIB) as f64 / t.elapsed().as_secs_f64(), "MiB/s");
+    Ok(())
+}
+
+/// The floor for ssh parent -> child: 256 MiB of random bytes into `ssh HOST 'cat >/dev/null'`.
+fn floor_ssh_up() -> anyhow::Result<()> {
+    let block = random(MIB, 9);
+    let t = Instant::now();
+    let mut child = ssh_command("cat >/dev/null")?.stdin(std::process::Stdio::piped()).spawn()?;
+    let mut input = child.stdin.take().expect("piped");
+    for _ in 0..BLOCKS {
+        input.write_all(&block)?;
+    }
+    drop(input);
+    anyhow::ensure!(child.wait()?.success());
+    report("floor-ssh-up", "throughput", BLOCKS as f64 / t.elapsed().as_secs_f64(), "MiB/s");
+    Ok(())
+}
+
+/// An ssh context: create, first call, shutdown; median of 20. Fresh: the image is sent
+/// every time; cached: the remote cache holds it (filled once first).
+fn ssh_lifecycle(cached: bool) -> anyhow::Result<()> {
+    let r = Router::new()?;
+    mitogen_child::build_id::current()?;
+    let spec = || ssh_spec().cache(cached);
+    if cached {
+        r.ssh(spec())?.shutdown(Duration::from_secs(10))?;
+    }
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let c = r.ssh(spec())?;
+        c.call(echo, (1,))?;
+        c.shutdown(Duration::from_secs(10))?;
+        samples.push(micros(t.elapsed()) / 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    report(if cached { "ssh-lifecycle-cached" } else { "ssh-lifecycle" }, "median", pct(&samples, 0.5), "ms");
     Ok(())
 }
