@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The image tag; the number changes with the recipe.
-pub const IMAGE: &str = "mitogen-e2e:4";
+pub const IMAGE: &str = "mitogen-e2e:5";
 /// The private network.
 pub const NETWORK: &str = "mitogen-e2e";
 
@@ -139,7 +139,7 @@ fn ensure_image(work: &Path) -> Result<()> {
     run(Command::new("debootstrap")
         .args([
             "--variant=minbase",
-            "--include=openssh-server,sudo,python3-minimal,procps,perl-base",
+            "--include=openssh-server,sudo,python3,procps,perl-base",
             "bookworm",
         ])
         .arg(&rootfs)
