@@ -137,11 +137,7 @@ fn ensure_image(work: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(work)?;
     run(Command::new("debootstrap")
-        .args([
-            "--variant=minbase",
-            "--include=openssh-server,sudo,python3,procps,perl-base",
-            "bookworm",
-        ])
+        .args(["--variant=minbase", "--include=openssh-server,sudo,python3,procps,perl-base", "bookworm"])
         .arg(&rootfs)
         .arg("http://deb.debian.org/debian"))
     .context("debootstrap (the package debootstrap, root and the Debian mirror are needed)")?;
