@@ -26,11 +26,11 @@ SOURCE = (
 )
 
 
-def lifecycle():
+def lifecycle(spec=None, name="lifecycle"):
     samples = []
     for _ in range(20):
         t = now()
-        gw = execnet.makegateway()
+        gw = execnet.makegateway(spec)
         ch = gw.remote_exec(ECHO)
         ch.send(1)
         ch.receive()
@@ -38,7 +38,7 @@ def lifecycle():
         gw.join()
         samples.append(micros(now() - t) / 1000)
     samples.sort()
-    report("lifecycle", "median", samples[len(samples) // 2], "ms")
+    report(name, "median", samples[len(samples) // 2], "ms")
 
 
 def roundtrip(via, spec=None, name=None):
@@ -127,24 +127,8 @@ def ssh_spec():
     return "ssh=%s//python=python3" % opts
 
 
-def ssh_lifecycle():
-    spec = ssh_spec()
-    samples = []
-    for _ in range(20):
-        t = now()
-        gw = execnet.makegateway(spec)
-        ch = gw.remote_exec(ECHO)
-        ch.send(1)
-        ch.receive()
-        gw.exit()
-        gw.join()
-        samples.append(micros(now() - t) / 1000)
-    samples.sort()
-    report("ssh-lifecycle", "median", samples[len(samples) // 2], "ms")
-
-
 WORKLOADS = {
-    "ssh-lifecycle": ssh_lifecycle,
+    "ssh-lifecycle": lambda: lifecycle(ssh_spec(), "ssh-lifecycle"),
     "ssh-roundtrip": lambda: roundtrip(False, ssh_spec(), "ssh-roundtrip"),
     "ssh-stream-c2p": lambda: stream_c2p(ssh_spec(), "ssh-stream-c2p"),
     "ssh-args-p2c": lambda: args_p2c(ssh_spec(), "ssh-args-p2c"),

@@ -35,16 +35,17 @@ def source(n, length, sender):
     sender.close()
 
 
-def lifecycle(router):
+def lifecycle(router, start=None, name="lifecycle"):
+    """Start a context (`start(router)`, a local one by default), first call, shutdown."""
     samples = []
     for _ in range(20):
         t = now()
-        ctx = router.local()
+        ctx = start(router) if start else router.local()
         ctx.call(echo, 1)
         ctx.shutdown(wait=True)
         samples.append(micros(now() - t) / 1000)
     samples.sort()
-    report("lifecycle", "median", samples[len(samples) // 2], "ms")
+    report(name, "median", samples[len(samples) // 2], "ms")
 
 
 def roundtrip(router, via, ctx=None, name=None):
@@ -110,17 +111,9 @@ SUDO_USER = "mitogen-test-a"
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
-def sudo_lifecycle(router):
-    samples = []
-    for _ in range(20):
-        t = now()
-        # The venv's interpreter lives under /root, out of the target account's reach.
-        ctx = router.sudo(username=SUDO_USER, python_path=SYSTEM_PYTHON)
-        ctx.call(echo, 1)
-        ctx.shutdown(wait=True)
-        samples.append(micros(now() - t) / 1000)
-    samples.sort()
-    report("sudo-lifecycle", "median", samples[len(samples) // 2], "ms")
+def sudo(router):
+    # The venv's interpreter lives under /root, out of the target account's reach.
+    return router.sudo(username=SUDO_USER, python_path=SYSTEM_PYTHON)
 
 
 def ssh(router):
@@ -137,20 +130,8 @@ def ssh(router):
     )
 
 
-def ssh_lifecycle(router):
-    samples = []
-    for _ in range(20):
-        t = now()
-        ctx = ssh(router)
-        ctx.call(echo, 1)
-        ctx.shutdown(wait=True)
-        samples.append(micros(now() - t) / 1000)
-    samples.sort()
-    report("ssh-lifecycle", "median", samples[len(samples) // 2], "ms")
-
-
 WORKLOADS = {
-    "ssh-lifecycle": ssh_lifecycle,
+    "ssh-lifecycle": lambda r: lifecycle(r, ssh, "ssh-lifecycle"),
     "ssh-roundtrip": lambda r: roundtrip(r, False, ssh(r), "ssh-roundtrip"),
     "ssh-stream-c2p": lambda r: stream_c2p(r, ssh(r), "ssh-stream-c2p"),
     "ssh-args-p2c": lambda r: args_p2c(r, ssh(r), "ssh-args-p2c"),
@@ -161,7 +142,7 @@ WORKLOADS = {
     "args-p2c": args_p2c,
     "fanout-50": lambda r: fanout(r, 50),
     "fanout-200": lambda r: fanout(r, 200),
-    "sudo-lifecycle": sudo_lifecycle,
+    "sudo-lifecycle": lambda r: lifecycle(r, sudo, "sudo-lifecycle"),
 }
 
 

@@ -54,6 +54,34 @@ fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// Runs `once` 20 times and reports the median duration in ms as `w median`.
+fn median_ms_of_20(w: &str, mut once: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        once()?;
+        samples.push(micros(t.elapsed()) / 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    report(w, "median", pct(&samples, 0.5), "ms");
+    Ok(())
+}
+
+/// The lifecycle workloads: start a context, first call, shutdown; median of 20.
+fn lifecycle_of(
+    w: &str,
+    mut start: impl FnMut() -> Result<Context, mitogen::ConnectError>,
+) -> anyhow::Result<()> {
+    // The master hashes its own image once; that is not per-context work.
+    mitogen_child::build_id::current()?;
+    median_ms_of_20(w, || {
+        let c = start()?;
+        c.call(echo, (1,))?;
+        c.shutdown(Duration::from_secs(10))?;
+        Ok(())
+    })
+}
+
 const MIB: usize = 1 << 20;
 const BLOCKS: u64 = 256;
 
@@ -185,16 +213,10 @@ fn floor_write() -> anyhow::Result<()> {
 /// The floor for lifecycle: spawn + exit + wait of this binary.
 fn floor_spawn() -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
-    let mut samples = Vec::new();
-    for _ in 0..20 {
-        let t = Instant::now();
-        #[allow(clippy::disallowed_methods)]
+    median_ms_of_20("floor-spawn", || {
         std::process::Command::new(&exe).env("MITOGEN_BENCH_EXIT", "1").status()?;
-        samples.push(micros(t.elapsed()) / 1000.0);
-    }
-    samples.sort_by(f64::total_cmp);
-    report("floor-spawn", "median", pct(&samples, 0.5), "ms");
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The floor for relaying bulk data through processes: 256 x 1 MiB through `cat | cat`.
@@ -233,19 +255,7 @@ fn floor_cat() -> anyhow::Result<()> {
 
 fn lifecycle() -> anyhow::Result<()> {
     let r = Router::new()?;
-    // The master hashes its own image once; that is not per-context work.
-    mitogen_child::build_id::current()?;
-    let mut samples = Vec::new();
-    for _ in 0..20 {
-        let t = Instant::now();
-        let c = r.local(Local::new())?;
-        c.call(echo, (1,))?;
-        c.shutdown(Duration::from_secs(10))?;
-        samples.push(micros(t.elapsed()) / 1000.0);
-    }
-    samples.sort_by(f64::total_cmp);
-    report("lifecycle", "median", pct(&samples, 0.5), "ms");
-    Ok(())
+    lifecycle_of("lifecycle", || r.local(Local::new()))
 }
 
 fn roundtrip(via: bool) -> anyhow::Result<()> {
@@ -374,48 +384,25 @@ const SUDO_USER: &str = mitogen_tests::accounts::USER_A;
 /// The floor for sudo: `sudo -u USER true`.
 fn floor_sudo() -> anyhow::Result<()> {
     mitogen_tests::accounts::ensure();
-    let mut samples = Vec::new();
-    for _ in 0..20 {
-        let t = Instant::now();
+    median_ms_of_20("floor-sudo", || {
         let st = std::process::Command::new("sudo").args(["-u", SUDO_USER, "true"]).status()?;
         anyhow::ensure!(st.success(), "sudo -u {SUDO_USER} true: {st}");
-        samples.push(micros(t.elapsed()) / 1000.0);
-    }
-    samples.sort_by(f64::total_cmp);
-    report("floor-sudo", "median", pct(&samples, 0.5), "ms");
-    Ok(())
+        Ok(())
+    })
 }
 
 /// A sudo context: create, first call, shutdown; median of 20.
 fn sudo_lifecycle(cached: bool) -> anyhow::Result<()> {
     mitogen_tests::accounts::ensure();
     let r = Router::new()?;
-    mitogen_child::build_id::current()?;
     // The cache lives in the target account's ~/.cache/mitogen.
-    let spec = || {
-        let s = mitogen::Sudo::new().username(SUDO_USER).connect_timeout(Duration::from_secs(30));
-        if cached {
-            s.cache(true)
-        } else {
-            s
-        }
-    };
+    let spec =
+        || mitogen::Sudo::new().username(SUDO_USER).cache(cached).connect_timeout(Duration::from_secs(30));
     if cached {
         // Fill the target's cache once.
         r.sudo(spec())?.shutdown(Duration::from_secs(10))?;
     }
-    let mut samples = Vec::new();
-    for _ in 0..20 {
-        let t = Instant::now();
-        let c = r.sudo(spec())?;
-        c.call(echo, (1,))?;
-        c.shutdown(Duration::from_secs(10))?;
-        samples.push(micros(t.elapsed()) / 1000.0);
-    }
-    samples.sort_by(f64::total_cmp);
-    let w = if cached { "sudo-lifecycle-cached" } else { "sudo-lifecycle" };
-    report(w, "median", pct(&samples, 0.5), "ms");
-    Ok(())
+    lifecycle_of(if cached { "sudo-lifecycle-cached" } else { "sudo-lifecycle" }, || r.sudo(spec()))
 }
 
 /// What the first stage costs on the wire: the command line, and the image sent to a fresh
@@ -479,16 +466,11 @@ fn ssh_command(command: &str) -> anyhow::Result<std::process::Command> {
 
 /// The floor for ssh lifecycle: `ssh HOST true`, median of 20.
 fn floor_ssh() -> anyhow::Result<()> {
-    let mut samples = Vec::new();
-    for _ in 0..20 {
-        let t = Instant::now();
+    median_ms_of_20("floor-ssh", || {
         let out = ssh_command("true")?.output()?;
         anyhow::ensure!(out.status.success(), "ssh HOST true: {}", String::from_utf8_lossy(&out.stderr));
-        samples.push(micros(t.elapsed()) / 1000.0);
-    }
-    samples.sort_by(f64::total_cmp);
-    report("floor-ssh", "median", pct(&samples, 0.5), "ms");
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The floor for ssh child -> parent: 256 MiB from `ssh HOST head -c N /dev/zero` (the
@@ -532,20 +514,9 @@ fn floor_ssh_up() -> anyhow::Result<()> {
 /// every time; cached: the remote cache holds it (filled once first).
 fn ssh_lifecycle(cached: bool) -> anyhow::Result<()> {
     let r = Router::new()?;
-    mitogen_child::build_id::current()?;
     let spec = || ssh_spec().cache(cached);
     if cached {
         r.ssh(spec())?.shutdown(Duration::from_secs(10))?;
     }
-    let mut samples = Vec::new();
-    for _ in 0..20 {
-        let t = Instant::now();
-        let c = r.ssh(spec())?;
-        c.call(echo, (1,))?;
-        c.shutdown(Duration::from_secs(10))?;
-        samples.push(micros(t.elapsed()) / 1000.0);
-    }
-    samples.sort_by(f64::total_cmp);
-    report(if cached { "ssh-lifecycle-cached" } else { "ssh-lifecycle" }, "median", pct(&samples, 0.5), "ms");
-    Ok(())
+    lifecycle_of(if cached { "ssh-lifecycle-cached" } else { "ssh-lifecycle" }, || r.ssh(spec()))
 }
