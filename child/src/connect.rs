@@ -353,12 +353,21 @@ impl Pending {
         }
     }
 
-    /// The child went away: collect its remaining output and exit status.
+    /// The child went away: collect its remaining output and exit status. Output the login
+    /// dialogue has not seen yet (the stream's end may be noticed first) is still judged
+    /// by it, so a method's own failure message stays a typed [`ConnectError::Login`].
     fn fail_exited(&mut self, diag: &mut DiagLines, err: Option<std::io::Error>) -> ConnectError {
         let mut c = self.conn.take().expect("still pending");
+        let mut login = None;
         if let Some(fd) = c.diag.take() {
             let until = Instant::now() + Duration::from_millis(500);
-            while diag.read_some(&fd, until) {}
+            while let Some(bytes) = diag.read_some(&fd, until) {
+                if let (None, Some(d)) = (&login, c.dialogue.as_mut()) {
+                    if let mitogen_core::DialogueStep::Fail(e) = d.on_output(&bytes) {
+                        login = Some(e);
+                    }
+                }
+            }
         }
         let status = match c.process.as_mut() {
             Some(p) => {
@@ -376,7 +385,10 @@ impl Pending {
             }
             None => err.map_or_else(|| "stream closed".into(), |e| e.to_string()),
         };
-        ConnectError::ChildExited { status, output: diag.take() }
+        match login {
+            Some(error) => ConnectError::Login { error, output: diag.take() },
+            None => ConnectError::ChildExited { status, output: diag.take() },
+        }
     }
 }
 
@@ -393,19 +405,20 @@ struct DiagLines {
 }
 
 impl DiagLines {
-    /// Reads what is available on `fd` (waiting until `until`); false at end of file.
-    fn read_some(&mut self, fd: &OwnedFd, until: Instant) -> bool {
+    /// Reads what is available on `fd` (waiting until `until`) and returns it; `None` at
+    /// end of file or when `until` passes.
+    fn read_some(&mut self, fd: &OwnedFd, until: Instant) -> Option<Vec<u8>> {
         if !poll_one(fd, until) {
-            return false;
+            return None;
         }
         let mut buf = [0u8; 4096];
         // SAFETY: buf is valid for writes.
         let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n <= 0 {
-            return false;
+            return None;
         }
         self.push(&buf[..n as usize]);
-        true
+        Some(buf[..n as usize].to_vec())
     }
 
     fn push(&mut self, bytes: &[u8]) {

@@ -31,4 +31,6 @@ pub use context::Context;
 pub use ids::{ContextId, Handle};
 pub use message::{DeadReason, Kind, Message};
 pub use router::{Router, RouterConfig};
-pub use transport::{Bootstrap, Connection, Dialogue, DialogueStep, LoginError, StartError, Transport};
+pub use transport::{
+    answer_prompt, Bootstrap, Connection, Dialogue, DialogueStep, LoginError, Password, StartError, Transport,
+};

@@ -164,3 +164,54 @@ pub trait Transport: fmt::Debug + Send {
     /// Starts the child agent and returns the pipe to it.
     fn start(&mut self, deadline: Instant) -> Result<Connection, StartError>;
 }
+
+/// A password for a login dialogue. Its `Debug` never shows it, so options and dialogues
+/// holding one can derive `Debug`; on the wire (to an intermediary that makes the
+/// connection) it travels as a plain string inside the message stream.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Password(String);
+
+impl Password {
+    /// The password itself, for answering a prompt; never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The answer to a prompt: the password and a newline.
+    pub fn answer(&self) -> Vec<u8> {
+        let mut a = self.0.clone().into_bytes();
+        a.push(b'\n');
+        a
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<S: Into<String>> From<S> for Password {
+    fn from(s: S) -> Password {
+        Password(s.into())
+    }
+}
+
+/// How every login dialogue answers a password prompt: with the password once; a prompt
+/// with no password configured means one is required, a second prompt that it was wrong
+/// (it is never sent twice). `sent` remembers the first answer.
+pub fn answer_prompt(
+    password: Option<&Password>,
+    sent: &mut bool,
+    method: &'static str,
+) -> Result<Vec<u8>, LoginError> {
+    match (password, *sent) {
+        (None, _) => Err(LoginError::PasswordRequired { method }),
+        (Some(_), true) => Err(LoginError::PasswordIncorrect { method }),
+        (Some(pw), false) => {
+            *sent = true;
+            Ok(pw.answer())
+        }
+    }
+}

@@ -6,7 +6,7 @@ use mitogen_core::codec::decode_value;
 use mitogen_core::ids;
 use mitogen_core::logs::LogRecord;
 use mitogen_core::router::Policy;
-use mitogen_core::{Broker, BrokerConfig, BrokerError, BrokerHandle, Context, ContextId};
+use mitogen_core::{Broker, BrokerConfig, BrokerError, BrokerHandle, Context, ContextId, Password};
 use mitogen_transport_local::LocalOptions;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -167,6 +167,48 @@ impl Router {
     }
 }
 
+/// The builder methods every context builder shares: the image, the cache, `via`, the
+/// connect timeout and the name. `$ty` has fields `opts` (with `program` and `cache`),
+/// `common` and `via`.
+macro_rules! common_builder {
+    ($ty:ident, $($default_name:literal),+) => {
+        impl $ty {
+            /// Sends (or runs) `program` as the agent image instead of the current
+            /// executable, for instance the static agent of `cargo xtask dist`.
+            pub fn program(mut self, program: impl Into<std::path::PathBuf>) -> $ty {
+                self.opts.program = Some(program.into());
+                self
+            }
+
+            /// Keep the image in the target account's cache directory, so later
+            /// connections send only its hash (methods that use the first stage).
+            pub fn cache(mut self, on: bool) -> $ty {
+                self.opts.cache = on;
+                self
+            }
+
+            /// Has `ctx` make the connection itself; the new context's name is prefixed
+            /// with `ctx`'s.
+            pub fn via(mut self, ctx: &Context) -> $ty {
+                self.via = Some(ctx.clone());
+                self
+            }
+
+            /// Bound on the whole connection, login included (default 30 s).
+            pub fn connect_timeout(mut self, t: Duration) -> $ty {
+                self.common.connect_timeout = t;
+                self
+            }
+
+            #[doc = concat!("Names the context instead of `", $($default_name),+, "`.")]
+            pub fn name(mut self, name: impl Into<String>) -> $ty {
+                self.common.name = Some(name.into());
+                self
+            }
+        }
+    };
+}
+
 /// Builder for a local context: which image, which options, and through which context.
 #[derive(Debug, Clone, Default)]
 pub struct Local {
@@ -175,16 +217,12 @@ pub struct Local {
     via: Option<Context>,
 }
 
+common_builder!(Local, "local.<pid>");
+
 impl Local {
     /// A copy of the current executable, started directly by the master.
     pub fn new() -> Local {
         Local::default()
-    }
-
-    /// Runs `program` as the agent image instead of the current executable.
-    pub fn program(mut self, program: impl Into<std::path::PathBuf>) -> Local {
-        self.opts = self.opts.program(program);
-        self
     }
 
     /// Adds an environment variable for the agent.
@@ -200,34 +238,9 @@ impl Local {
         self
     }
 
-    /// With [`Local::through_sh`]: keep the image in the user's cache directory, so later
-    /// connections send only its hash.
-    pub fn cache(mut self, on: bool) -> Local {
-        self.opts = self.opts.cache(on);
-        self
-    }
-
     /// Carries messages over two pipes instead of a socketpair.
     pub fn pipes(mut self, on: bool) -> Local {
         self.opts = self.opts.pipes(on);
-        self
-    }
-
-    /// Has `ctx` start the child itself; the new context's name is prefixed with `ctx`'s.
-    pub fn via(mut self, ctx: &Context) -> Local {
-        self.via = Some(ctx.clone());
-        self
-    }
-
-    /// Bound on the whole connection (default 30 s).
-    pub fn connect_timeout(mut self, t: Duration) -> Local {
-        self.common.connect_timeout = t;
-        self
-    }
-
-    /// Names the context instead of `local.<pid>`.
-    pub fn name(mut self, name: impl Into<String>) -> Local {
-        self.common.name = Some(name.into());
         self
     }
 }
@@ -240,10 +253,12 @@ pub fn run_with_router<T>(f: impl FnOnce(&Router) -> T) -> Result<T, BrokerError
     Ok(out)
 }
 
-/// The builder methods every account-changing method (sudo, su, doas) shares.
+/// The builder methods sudo, su and doas share, besides [`common_builder`]'s.
 #[cfg(feature = "sudo")]
 macro_rules! account_builder {
     ($ty:ident, $method:literal) => {
+        common_builder!($ty, $method, ".<username>");
+
         impl $ty {
             #[doc = concat!("", $method, " to root with no password, started by the master.")]
             pub fn new() -> $ty {
@@ -257,7 +272,7 @@ macro_rules! account_builder {
             }
 
             #[doc = concat!("The password to answer ", $method, "'s prompt with (never logged).")]
-            pub fn password(mut self, password: impl Into<String>) -> $ty {
+            pub fn password(mut self, password: impl Into<Password>) -> $ty {
                 self.opts.password = Some(password.into());
                 self
             }
@@ -268,46 +283,14 @@ macro_rules! account_builder {
                 self
             }
 
-            /// Sends `program` as the agent image instead of the current executable (for
-            /// instance the static agent of `cargo xtask dist`).
-            pub fn program(mut self, program: impl Into<std::path::PathBuf>) -> $ty {
-                self.opts.program = Some(program.into());
-                self
-            }
-
-            /// Keep the image in the target account's cache directory and reuse it.
-            pub fn cache(mut self, on: bool) -> $ty {
-                self.opts.cache = on;
-                self
-            }
-
             /// Carry messages over pipes instead of a socketpair.
             pub fn pipes(mut self, on: bool) -> $ty {
                 self.opts.pipes = on;
                 self
             }
-
-            #[doc = concat!("Has `ctx` run ", $method, " itself.")]
-            pub fn via(mut self, ctx: &Context) -> $ty {
-                self.via = Some(ctx.clone());
-                self
-            }
-
-            /// Bound on the whole connection, login included (default 30 s).
-            pub fn connect_timeout(mut self, t: Duration) -> $ty {
-                self.common.connect_timeout = t;
-                self
-            }
-
-            #[doc = concat!("Names the context instead of `", $method, ".<username>`.")]
-            pub fn name(mut self, name: impl Into<String>) -> $ty {
-                self.common.name = Some(name.into());
-                self
-            }
         }
     };
 }
-
 /// Builder for a sudo context: which account, how to authenticate, through which context.
 #[cfg(feature = "sudo")]
 #[derive(Debug, Clone, Default)]
@@ -437,6 +420,9 @@ pub struct Ssh {
 }
 
 #[cfg(feature = "ssh")]
+common_builder!(Ssh, "ssh.<hostname>");
+
+#[cfg(feature = "ssh")]
 impl Ssh {
     /// A connection to `hostname` (a name, an address or an ssh config `Host` alias).
     pub fn new(hostname: impl Into<String>) -> Ssh {
@@ -480,7 +466,7 @@ impl Ssh {
     }
 
     /// The password for password authentication (never logged).
-    pub fn password(mut self, password: impl Into<String>) -> Ssh {
+    pub fn password(mut self, password: impl Into<Password>) -> Ssh {
         self.opts.password = Some(password.into());
         self
     }
@@ -516,37 +502,6 @@ impl Ssh {
         self.opts.ssh_debug_level = level;
         self
     }
-
-    /// Sends `program` as the agent image instead of the current executable.
-    pub fn program(mut self, program: impl Into<std::path::PathBuf>) -> Ssh {
-        self.opts.program = Some(program.into());
-        self
-    }
-
-    /// Keep the image in the remote account's cache directory and reuse it.
-    pub fn cache(mut self, on: bool) -> Ssh {
-        self.opts.cache = on;
-        self
-    }
-
-    /// Has `ctx` run ssh itself.
-    pub fn via(mut self, ctx: &Context) -> Ssh {
-        self.via = Some(ctx.clone());
-        self
-    }
-
-    /// Bound on the whole connection (default 30 s); also ssh's TCP `ConnectTimeout`.
-    pub fn connect_timeout(mut self, t: Duration) -> Ssh {
-        self.common.connect_timeout = t;
-        self.opts.connect_timeout = Some(t);
-        self
-    }
-
-    /// Names the context instead of `ssh.<hostname>`.
-    pub fn name(mut self, name: impl Into<String>) -> Ssh {
-        self.common.name = Some(name.into());
-        self
-    }
 }
 
 /// Builder for a container context: `docker exec` (or `podman exec`) into a running
@@ -558,6 +513,9 @@ pub struct Container {
     common: ConnectOptions,
     via: Option<Context>,
 }
+
+#[cfg(feature = "container")]
+common_builder!(Container, "docker.<container>");
 
 #[cfg(feature = "container")]
 impl Container {
@@ -594,36 +552,6 @@ impl Container {
     /// More arguments for `exec`.
     pub fn extra_args(mut self, args: Vec<String>) -> Container {
         self.opts.extra_args = args;
-        self
-    }
-
-    /// Sends `program` as the agent image instead of the current executable.
-    pub fn program(mut self, program: impl Into<std::path::PathBuf>) -> Container {
-        self.opts.program = Some(program.into());
-        self
-    }
-
-    /// Keep the image in the container account's cache directory and reuse it.
-    pub fn cache(mut self, on: bool) -> Container {
-        self.opts.cache = on;
-        self
-    }
-
-    /// Has `ctx` run the runtime's client itself.
-    pub fn via(mut self, ctx: &Context) -> Container {
-        self.via = Some(ctx.clone());
-        self
-    }
-
-    /// Bound on the whole connection (default 30 s).
-    pub fn connect_timeout(mut self, t: Duration) -> Container {
-        self.common.connect_timeout = t;
-        self
-    }
-
-    /// Names the context instead of `docker.<container>`.
-    pub fn name(mut self, name: impl Into<String>) -> Container {
-        self.common.name = Some(name.into());
         self
     }
 }

@@ -9,10 +9,10 @@
 
 #![warn(missing_docs)]
 
-use mitogen_core::transport::{Bootstrap, Connection, StartError, Transport};
-use mitogen_core::{Dialogue, DialogueStep, LoginError};
-use mitogen_transport_local::bootstrap::{random_token, FirstStage};
-use mitogen_transport_local::{DataChannel, SELF_EXE};
+use mitogen_core::{Dialogue, DialogueStep, LoginError, StartError};
+use mitogen_transport_local::bootstrap::FirstStage;
+use mitogen_transport_local::command::{CommandMethod, CommandTransport, Wiring};
+use mitogen_transport_local::DataChannel;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::process::Command;
@@ -102,59 +102,32 @@ impl Dialogue for RuntimeErrors {
     }
 }
 
-/// The container transport.
-#[derive(Debug, Clone)]
-pub struct ContainerTransport {
-    opts: ContainerOptions,
-    arg0: String,
-    image_hash: String,
-}
-
-impl ContainerTransport {
-    /// A transport for `opts`; `arg0` is what `ps` shows for the agent; `image_hash` is
-    /// the image's build id (the first stage's cache key).
-    pub fn new(
-        opts: ContainerOptions,
-        arg0: impl Into<String>,
-        image_hash: impl Into<String>,
-    ) -> ContainerTransport {
-        ContainerTransport { opts, arg0: arg0.into(), image_hash: image_hash.into() }
-    }
-}
-
-impl Transport for ContainerTransport {
+impl CommandMethod for ContainerOptions {
     fn method(&self) -> &'static str {
-        self.opts.runtime.name()
+        self.runtime.name()
     }
 
-    fn start(&mut self, _deadline: Instant) -> Result<Connection, StartError> {
-        let o = &self.opts;
-        if o.container.is_empty() || o.container.starts_with('-') {
-            return Err(StartError::Options(format!("invalid container name {:?}", o.container)));
+    fn wiring(&self) -> Result<Wiring, StartError> {
+        if self.container.is_empty() || self.container.starts_with('-') {
+            return Err(StartError::Options(format!("invalid container name {:?}", self.container)));
         }
-        let stage = FirstStage {
-            token: random_token(),
-            hash: self.image_hash.clone(),
-            argv0: self.arg0.clone(),
-            cache: o.cache,
-        };
-        let mut cmd = o.command(&stage.script());
-        let program = cmd.get_program().to_string_lossy().into_owned();
-        let (child, stream, diag) =
-            mitogen_transport_local::spawn_hybrid(&mut cmd, false, DataChannel::SocketPair)
-                .map_err(|source| StartError::Spawn { program, source })?;
-        let image = o.program.clone().unwrap_or_else(|| PathBuf::from(SELF_EXE));
-        Ok(Connection {
-            read: stream.read,
-            write: stream.write,
-            diag,
-            process: Some(child),
-            description: format!("{} exec {}", o.runtime.name(), o.container),
-            bootstrap: Bootstrap::FirstStage { token: stage.token, image, cache: o.cache },
-            dialogue: Some(Box::new(RuntimeErrors { method: o.runtime.name(), buf: Vec::new() })),
+        Ok(Wiring {
+            program: self.program.clone(),
+            cache: self.cache,
+            pty: false,
+            data: DataChannel::SocketPair,
+            description: format!("{} exec {}", self.runtime.name(), self.container),
         })
     }
+
+    fn command(&self, stage: &FirstStage, _deadline: Instant) -> (Command, Option<Box<dyn Dialogue>>) {
+        let d = RuntimeErrors { method: self.runtime.name(), buf: Vec::new() };
+        (self.command(&stage.script()), Some(Box::new(d)))
+    }
 }
+
+/// The container transport.
+pub type ContainerTransport = CommandTransport<ContainerOptions>;
 
 #[cfg(test)]
 mod tests {

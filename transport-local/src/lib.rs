@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod bootstrap;
+pub mod command;
 
 use mitogen_core::transport::{Bootstrap, Connection, StartError, Transport};
 use serde::{Deserialize, Serialize};
@@ -214,7 +215,7 @@ pub fn open_pty() -> std::io::Result<Pty> {
 }
 
 /// What carries the message stream between a started child and us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum DataChannel {
     /// One `AF_UNIX` socketpair for stdin and stdout (the default).

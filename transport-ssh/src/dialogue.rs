@@ -1,7 +1,6 @@
 //! The sans-IO login dialogue of the OpenSSH client.
 
-use mitogen_core::{Dialogue, DialogueStep, LoginError};
-use std::fmt;
+use mitogen_core::{answer_prompt, Dialogue, DialogueStep, LoginError, Password};
 
 /// Most output kept while looking for a prompt.
 const MAX_BUF: usize = 16 * 1024;
@@ -15,27 +14,18 @@ const MAX_BUF: usize = 16 * 1024;
 /// - ssh's own failures are recognised by their exact form, so a login profile printing
 ///   "Permission denied" is not one: `user@host: Permission denied (publickey,password).`,
 ///   `Host key verification failed.`, `ssh: connect to host H port P: Connection refused`.
+#[derive(Debug)]
 pub struct SshDialogue {
     host: String,
-    password: Option<String>,
+    password: Option<Password>,
     buf: Vec<u8>,
     sent: bool,
     changed: bool,
 }
 
-impl fmt::Debug for SshDialogue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SshDialogue")
-            .field("host", &self.host)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("sent", &self.sent)
-            .finish()
-    }
-}
-
 impl SshDialogue {
     /// A dialogue for a connection to `host`, answering password prompts with `password`.
-    pub fn new(host: impl Into<String>, password: Option<String>) -> SshDialogue {
+    pub fn new(host: impl Into<String>, password: Option<Password>) -> SshDialogue {
         SshDialogue { host: host.into(), password, buf: Vec::new(), sent: false, changed: false }
     }
 
@@ -61,6 +51,9 @@ impl SshDialogue {
                 _ => LoginError::PermissionDenied { method: "ssh", line: l.to_string() },
             });
         }
+        if l == "Connection timed out during banner exchange" {
+            return Some(LoginError::ConnectTimedOut { host });
+        }
         if l.starts_with("ssh: ") {
             if l.ends_with(": Connection refused") {
                 return Some(LoginError::ConnectionRefused { host });
@@ -76,15 +69,9 @@ impl SshDialogue {
     }
 
     fn prompted(&mut self) -> DialogueStep {
-        match (&self.password, self.sent) {
-            (None, _) => DialogueStep::Fail(LoginError::PasswordRequired { method: "ssh" }),
-            (Some(_), true) => DialogueStep::Fail(LoginError::PasswordIncorrect { method: "ssh" }),
-            (Some(pw), false) => {
-                self.sent = true;
-                let mut answer = pw.clone().into_bytes();
-                answer.push(b'\n');
-                DialogueStep::Write(answer)
-            }
+        match answer_prompt(self.password.as_ref(), &mut self.sent, "ssh") {
+            Ok(answer) => DialogueStep::Write(answer),
+            Err(e) => DialogueStep::Fail(e),
         }
     }
 }
@@ -189,6 +176,9 @@ mod tests {
         assert_eq!(s, DialogueStep::Fail(LoginError::ConnectionRefused { host: "h1".into() }));
         let mut d = SshDialogue::new("h1", None);
         let s = d.on_output(b"ssh: connect to host 10.9.9.9 port 22: Connection timed out\n");
+        assert_eq!(s, DialogueStep::Fail(LoginError::ConnectTimedOut { host: "h1".into() }));
+        let mut d = SshDialogue::new("h1", None);
+        let s = d.on_output(b"Connection timed out during banner exchange\r\n");
         assert_eq!(s, DialogueStep::Fail(LoginError::ConnectTimedOut { host: "h1".into() }));
         let mut d = SshDialogue::new("h1", None);
         let s = d.on_output(b"ssh: Could not resolve hostname nope: Name or service not known\n");

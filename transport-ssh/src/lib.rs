@@ -17,11 +17,11 @@ mod dialogue;
 
 pub use dialogue::SshDialogue;
 
-use mitogen_core::transport::{Bootstrap, Connection, StartError, Transport};
-use mitogen_transport_local::bootstrap::{random_token, FirstStage};
-use mitogen_transport_local::{DataChannel, SELF_EXE};
+use mitogen_core::{Dialogue, Password, StartError};
+use mitogen_transport_local::bootstrap::FirstStage;
+use mitogen_transport_local::command::{CommandMethod, CommandTransport, Wiring};
+use mitogen_transport_local::DataChannel;
 use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -41,7 +41,7 @@ pub enum HostKeyPolicy {
 }
 
 /// Options of the ssh method.
-#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SshOptions {
     /// Host name, address or `Host` alias from the ssh configuration.
@@ -59,7 +59,7 @@ pub struct SshOptions {
     /// A known-hosts file instead of the user's (`UserKnownHostsFile`).
     pub known_hosts_file: Option<PathBuf>,
     /// Password for password or keyboard-interactive authentication; never logged.
-    pub password: Option<String>,
+    pub password: Option<Password>,
     /// ssh compression (`-C`; off by default: it slows fast links).
     pub compression: bool,
     /// Keepalive probe interval (`ServerAliveInterval`); `None` disables keepalives.
@@ -72,8 +72,8 @@ pub struct SshOptions {
     pub ssh_path: PathBuf,
     /// `-v` repeated this many times (0 to 3); the output is logged under the context.
     pub ssh_debug_level: u8,
-    /// TCP connect timeout (`ConnectTimeout`); the whole start is bounded by the common
-    /// connect timeout as well.
+    /// TCP connect timeout (`ConnectTimeout`); `None` uses what is left of the whole
+    /// start's connect timeout.
     pub connect_timeout: Option<Duration>,
     /// The agent image; `None` sends the current executable.
     pub program: Option<PathBuf>,
@@ -102,30 +102,6 @@ impl Default for SshOptions {
             program: None,
             cache: false,
         }
-    }
-}
-
-impl fmt::Debug for SshOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SshOptions")
-            .field("hostname", &self.hostname)
-            .field("port", &self.port)
-            .field("username", &self.username)
-            .field("identity_file", &self.identity_file)
-            .field("identities_only", &self.identities_only)
-            .field("check_host_keys", &self.check_host_keys)
-            .field("known_hosts_file", &self.known_hosts_file)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("compression", &self.compression)
-            .field("keepalive_interval", &self.keepalive_interval)
-            .field("keepalive_count", &self.keepalive_count)
-            .field("extra_args", &self.extra_args)
-            .field("ssh_path", &self.ssh_path)
-            .field("ssh_debug_level", &self.ssh_debug_level)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("program", &self.program)
-            .field("cache", &self.cache)
-            .finish()
     }
 }
 
@@ -193,56 +169,36 @@ impl SshOptions {
     }
 }
 
-/// The ssh transport (OpenSSH client).
-#[derive(Debug, Clone)]
-pub struct SshTransport {
-    opts: SshOptions,
-    arg0: String,
-    image_hash: String,
-}
-
-impl SshTransport {
-    /// A transport for `opts`; `arg0` is what `ps` shows for the agent on the far host;
-    /// `image_hash` is the image's build id (the first stage's cache key).
-    pub fn new(opts: SshOptions, arg0: impl Into<String>, image_hash: impl Into<String>) -> SshTransport {
-        SshTransport { opts, arg0: arg0.into(), image_hash: image_hash.into() }
-    }
-}
-
-impl Transport for SshTransport {
+impl CommandMethod for SshOptions {
     fn method(&self) -> &'static str {
         "ssh"
     }
 
-    fn start(&mut self, _deadline: Instant) -> Result<Connection, StartError> {
-        let o = &self.opts;
-        if o.hostname.is_empty() || o.hostname.starts_with('-') {
-            return Err(StartError::Options(format!("invalid ssh hostname {:?}", o.hostname)));
+    fn wiring(&self) -> Result<Wiring, StartError> {
+        if self.hostname.is_empty() || self.hostname.starts_with('-') {
+            return Err(StartError::Options(format!("invalid ssh hostname {:?}", self.hostname)));
         }
-        let stage = FirstStage {
-            token: random_token(),
-            hash: self.image_hash.clone(),
-            argv0: self.arg0.clone(),
-            cache: o.cache,
-        };
-        let mut cmd = o.command(&stage.script());
-        let program = o.ssh_path.display().to_string();
-        let (child, stream, diag) =
-            mitogen_transport_local::spawn_hybrid(&mut cmd, o.password.is_some(), DataChannel::SocketPair)
-                .map_err(|source| StartError::Spawn { program, source })?;
-        drop(cmd);
-        let image = o.program.clone().unwrap_or_else(|| PathBuf::from(SELF_EXE));
-        Ok(Connection {
-            read: stream.read,
-            write: stream.write,
-            diag,
-            process: Some(child),
-            description: format!("ssh {}", o.hostname),
-            bootstrap: Bootstrap::FirstStage { token: stage.token, image, cache: o.cache },
-            dialogue: Some(Box::new(SshDialogue::new(o.hostname.clone(), o.password.clone()))),
+        Ok(Wiring {
+            program: self.program.clone(),
+            cache: self.cache,
+            // A PTY only when a password prompt must be answered; BatchMode otherwise.
+            pty: self.password.is_some(),
+            data: DataChannel::SocketPair,
+            description: format!("ssh {}", self.hostname),
         })
     }
+
+    fn command(&self, stage: &FirstStage, deadline: Instant) -> (Command, Option<Box<dyn Dialogue>>) {
+        let mut o = self.clone();
+        o.connect_timeout =
+            o.connect_timeout.or_else(|| Some(deadline.saturating_duration_since(Instant::now())));
+        let d = SshDialogue::new(self.hostname.clone(), self.password.clone());
+        (o.command(&stage.script()), Some(Box::new(d)))
+    }
 }
+
+/// The ssh transport (OpenSSH client).
+pub type SshTransport = CommandTransport<SshOptions>;
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,6 @@
 //! The sans-IO password dialogue shared by sudo, su and doas.
 
-use mitogen_core::{Dialogue, DialogueStep, LoginError};
-use std::fmt;
+use mitogen_core::{answer_prompt, Dialogue, DialogueStep, LoginError, Password};
 
 /// Most output kept while looking for a prompt or a refusal.
 const MAX_BUF: usize = 16 * 1024;
@@ -27,10 +26,11 @@ enum Prompt {
 /// - Refusals only count on whole lines that start with the method's name (`sudo: ...`), so
 ///   a profile printing "Permission denied" is not mistaken for a failure.
 /// - A second prompt means the password was wrong: it is never sent twice.
+#[derive(Debug)]
 pub struct PromptDialogue {
     method: &'static str,
     prompt: Prompt,
-    password: Option<String>,
+    password: Option<Password>,
     answer_on_input: bool,
     line_prefixes: Vec<String>,
     incorrect: Vec<String>,
@@ -40,20 +40,9 @@ pub struct PromptDialogue {
     sent: bool,
 }
 
-impl fmt::Debug for PromptDialogue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PromptDialogue")
-            .field("method", &self.method)
-            .field("prompt", &self.prompt)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("sent", &self.sent)
-            .finish()
-    }
-}
-
 impl PromptDialogue {
     /// A dialogue for sudo (sudo.ws and sudo-rs) answering `prompt` with `password`.
-    pub fn sudo(prompt: &str, password: Option<String>) -> PromptDialogue {
+    pub fn sudo(prompt: &str, password: Option<Password>) -> PromptDialogue {
         PromptDialogue {
             method: "sudo",
             prompt: Prompt::Exact(prompt.as_bytes().to_vec()),
@@ -79,7 +68,7 @@ impl PromptDialogue {
     /// A dialogue for util-linux `su`: it reads the password from standard input (so the
     /// answer goes to the message stream), prompts with one of `prompts` (translated), and
     /// says one of `incorrect` when the password is wrong.
-    pub fn su(password: Option<String>, prompts: &[String], incorrect: &[String]) -> PromptDialogue {
+    pub fn su(password: Option<Password>, prompts: &[String], incorrect: &[String]) -> PromptDialogue {
         PromptDialogue {
             method: "su",
             prompt: Prompt::AnyOf(lower(prompts)),
@@ -97,7 +86,7 @@ impl PromptDialogue {
     /// A dialogue for OpenBSD `doas` (and OpenDoas): the prompt (`doas (user@host)
     /// password:`) on the terminal, recognised from `prompts`; `incorrect` texts mean a
     /// wrong password.
-    pub fn doas(password: Option<String>, prompts: &[String], incorrect: &[String]) -> PromptDialogue {
+    pub fn doas(password: Option<Password>, prompts: &[String], incorrect: &[String]) -> PromptDialogue {
         PromptDialogue {
             method: "doas",
             prompt: Prompt::AnyOf(lower(prompts)),
@@ -109,6 +98,14 @@ impl PromptDialogue {
             required: lower(&["authorization required", "a tty is required"]),
             buf: Vec::new(),
             sent: false,
+        }
+    }
+
+    fn prompted(&mut self) -> DialogueStep {
+        match answer_prompt(self.password.as_ref(), &mut self.sent, self.method) {
+            Err(e) => DialogueStep::Fail(e),
+            Ok(answer) if self.answer_on_input => DialogueStep::WriteInput(answer),
+            Ok(answer) => DialogueStep::Write(answer),
         }
     }
 
@@ -184,26 +181,6 @@ impl Dialogue for PromptDialogue {
             self.buf.drain(..self.buf.len() - MAX_BUF / 2);
         }
         DialogueStep::Continue
-    }
-}
-
-impl PromptDialogue {
-    fn prompted(&mut self) -> DialogueStep {
-        let m = self.method;
-        match (&self.password, self.sent) {
-            (None, _) => DialogueStep::Fail(LoginError::PasswordRequired { method: m }),
-            (Some(_), true) => DialogueStep::Fail(LoginError::PasswordIncorrect { method: m }),
-            (Some(pw), false) => {
-                self.sent = true;
-                let mut answer = pw.clone().into_bytes();
-                answer.push(b'\n');
-                if self.answer_on_input {
-                    DialogueStep::WriteInput(answer)
-                } else {
-                    DialogueStep::Write(answer)
-                }
-            }
-        }
     }
 }
 

@@ -16,24 +16,23 @@ mod dialogue;
 
 pub use dialogue::PromptDialogue;
 
-use mitogen_core::transport::{Bootstrap, Connection, StartError, Transport};
-use mitogen_core::Dialogue;
-use mitogen_transport_local::bootstrap::{random_token, FirstStage};
-use mitogen_transport_local::{DataChannel, SELF_EXE};
+use mitogen_core::{Dialogue, Password, StartError};
+use mitogen_transport_local::bootstrap::FirstStage;
+use mitogen_transport_local::command::{CommandMethod, CommandTransport, Wiring};
+use mitogen_transport_local::DataChannel;
 use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
 /// Options of the sudo method.
-#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SudoOptions {
     /// Target account (default `root`).
     pub username: String,
     /// Password to answer sudo's prompt with; never logged.
-    pub password: Option<String>,
+    pub password: Option<Password>,
     /// `-E`: keep the environment.
     pub preserve_env: bool,
     /// `-H`: set `HOME` to the target's.
@@ -54,25 +53,6 @@ pub struct SudoOptions {
     pub cache: bool,
     /// Carry messages over pipes instead of a socketpair.
     pub pipes: bool,
-}
-
-impl fmt::Debug for SudoOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SudoOptions")
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("preserve_env", &self.preserve_env)
-            .field("set_home", &self.set_home)
-            .field("login", &self.login)
-            .field("selinux_role", &self.selinux_role)
-            .field("selinux_type", &self.selinux_type)
-            .field("sudo_path", &self.sudo_path)
-            .field("extra_args", &self.extra_args)
-            .field("program", &self.program)
-            .field("cache", &self.cache)
-            .field("pipes", &self.pipes)
-            .finish()
-    }
 }
 
 impl Default for SudoOptions {
@@ -132,13 +112,13 @@ fn dollar_free(script: &str) -> String {
 }
 
 /// Options of the su method (util-linux su, or another `su USER -c CMD`).
-#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SuOptions {
     /// Target account (default `root`).
     pub username: String,
     /// Password to answer su's prompt with; never logged.
-    pub password: Option<String>,
+    pub password: Option<Password>,
     /// `-l`: a login shell (profiles run).
     pub login: bool,
     /// The su program (default `su` from `PATH`).
@@ -201,23 +181,6 @@ impl Default for SuOptions {
     }
 }
 
-impl fmt::Debug for SuOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SuOptions")
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("login", &self.login)
-            .field("su_path", &self.su_path)
-            .field("password_prompts", &self.password_prompts)
-            .field("incorrect_prompts", &self.incorrect_prompts)
-            .field("extra_args", &self.extra_args)
-            .field("program", &self.program)
-            .field("cache", &self.cache)
-            .field("pipes", &self.pipes)
-            .finish()
-    }
-}
-
 impl SuOptions {
     /// The su command line for the first-stage `script`. su hands `-c` to the account's
     /// shell, which may not be POSIX: it only has to `exec /bin/sh` with one quoted argument
@@ -233,13 +196,13 @@ impl SuOptions {
 }
 
 /// Options of the doas method (OpenBSD doas or OpenDoas).
-#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DoasOptions {
     /// Target account (default `root`).
     pub username: String,
     /// Password to answer doas's prompt with; never logged.
-    pub password: Option<String>,
+    pub password: Option<Password>,
     /// The doas program (default `doas` from `PATH`).
     pub doas_path: PathBuf,
     /// Texts that end doas's password prompt, any case (default: `password:` and common
@@ -273,22 +236,6 @@ impl Default for DoasOptions {
     }
 }
 
-impl fmt::Debug for DoasOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DoasOptions")
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("doas_path", &self.doas_path)
-            .field("password_prompts", &self.password_prompts)
-            .field("incorrect_prompts", &self.incorrect_prompts)
-            .field("extra_args", &self.extra_args)
-            .field("program", &self.program)
-            .field("cache", &self.cache)
-            .field("pipes", &self.pipes)
-            .finish()
-    }
-}
-
 impl DoasOptions {
     /// The doas command line for the first-stage `script`.
     pub fn command(&self, script: &str) -> Command {
@@ -304,171 +251,78 @@ impl DoasOptions {
     }
 }
 
-/// The image that will be sent: the named one or the current executable.
-fn resolved_program(program: &Option<PathBuf>) -> PathBuf {
-    program.clone().unwrap_or_else(|| PathBuf::from(SELF_EXE))
-}
-
-/// What one account-changing method contributes to [`start`].
-struct Start<'a> {
-    method: &'static str,
-    username: &'a str,
-    program: &'a Option<PathBuf>,
+/// The wiring every account-changing method shares: a hybrid PTY for the prompt.
+fn wiring(
+    method: &str,
+    username: &str,
+    program: &Option<PathBuf>,
     cache: bool,
     pipes: bool,
-    arg0: &'a str,
-    image_hash: &'a str,
-}
-
-/// Starts `command(first stage, token)` on a hybrid PTY with the dialogue it returns.
-fn start(
-    s: Start<'_>,
-    build: impl FnOnce(&FirstStage) -> (Command, Box<dyn Dialogue>),
-) -> Result<Connection, StartError> {
-    if s.username.is_empty() || s.username.starts_with('-') {
-        return Err(StartError::Options(format!("invalid {} username {:?}", s.method, s.username)));
+) -> Result<Wiring, StartError> {
+    if username.is_empty() || username.starts_with('-') {
+        return Err(StartError::Options(format!("invalid {method} username {username:?}")));
     }
-    let image = resolved_program(s.program);
-    let stage = FirstStage {
-        token: random_token(),
-        hash: s.image_hash.to_string(),
-        argv0: s.arg0.to_string(),
-        cache: s.cache,
-    };
-    let (mut cmd, dialogue) = build(&stage);
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let data = if s.pipes { DataChannel::Pipes } else { DataChannel::SocketPair };
-    let (child, stream, diag) = mitogen_transport_local::spawn_hybrid(&mut cmd, true, data)
-        .map_err(|source| StartError::Spawn { program, source })?;
-    // Our copies of the PTY slave and the child's stream ends must go, or end of file
-    // never comes.
-    drop(cmd);
-    Ok(Connection {
-        read: stream.read,
-        write: stream.write,
-        diag,
-        process: Some(child),
-        description: format!("{} -u {}", s.method, s.username),
-        bootstrap: Bootstrap::FirstStage { token: stage.token, image, cache: s.cache },
-        dialogue: Some(dialogue),
+    Ok(Wiring {
+        program: program.clone(),
+        cache,
+        pty: true,
+        data: if pipes { DataChannel::Pipes } else { DataChannel::SocketPair },
+        description: format!("{method} -u {username}"),
     })
 }
 
-/// The sudo transport.
-#[derive(Debug, Clone)]
-pub struct SudoTransport {
-    opts: SudoOptions,
-    arg0: String,
-    image_hash: String,
-}
-
-impl SudoTransport {
-    /// A transport for `opts`; `arg0` is what `ps` shows for the agent; `image_hash` is
-    /// the image's build id (the first stage's cache key).
-    pub fn new(opts: SudoOptions, arg0: impl Into<String>, image_hash: impl Into<String>) -> SudoTransport {
-        SudoTransport { opts, arg0: arg0.into(), image_hash: image_hash.into() }
-    }
-}
-
-impl Transport for SudoTransport {
+impl CommandMethod for SudoOptions {
     fn method(&self) -> &'static str {
         "sudo"
     }
 
-    fn start(&mut self, _deadline: Instant) -> Result<Connection, StartError> {
-        let o = &self.opts;
-        let s = Start {
-            method: "sudo",
-            username: &o.username,
-            program: &o.program,
-            cache: o.cache,
-            pipes: o.pipes,
-            arg0: &self.arg0,
-            image_hash: &self.image_hash,
-        };
-        start(s, |stage| {
-            let prompt = format!("mitogen-sudo-password-{}:", stage.token);
-            let cmd = o.command(&prompt, &stage.script());
-            (cmd, Box::new(PromptDialogue::sudo(&prompt, o.password.clone())))
-        })
+    fn wiring(&self) -> Result<Wiring, StartError> {
+        wiring("sudo", &self.username, &self.program, self.cache, self.pipes)
+    }
+
+    fn command(&self, stage: &FirstStage, _deadline: Instant) -> (Command, Option<Box<dyn Dialogue>>) {
+        let prompt = format!("mitogen-sudo-password-{}:", stage.token);
+        let cmd = self.command(&prompt, &stage.script());
+        (cmd, Some(Box::new(PromptDialogue::sudo(&prompt, self.password.clone()))))
     }
 }
 
-/// The su transport.
-#[derive(Debug, Clone)]
-pub struct SuTransport {
-    opts: SuOptions,
-    arg0: String,
-    image_hash: String,
-}
-
-impl SuTransport {
-    /// A transport for `opts` (see [`SudoTransport::new`]).
-    pub fn new(opts: SuOptions, arg0: impl Into<String>, image_hash: impl Into<String>) -> SuTransport {
-        SuTransport { opts, arg0: arg0.into(), image_hash: image_hash.into() }
-    }
-}
-
-impl Transport for SuTransport {
+impl CommandMethod for SuOptions {
     fn method(&self) -> &'static str {
         "su"
     }
 
-    fn start(&mut self, _deadline: Instant) -> Result<Connection, StartError> {
-        let o = &self.opts;
-        let s = Start {
-            method: "su",
-            username: &o.username,
-            program: &o.program,
-            cache: o.cache,
-            pipes: o.pipes,
-            arg0: &self.arg0,
-            image_hash: &self.image_hash,
-        };
-        start(s, |stage| {
-            let d = PromptDialogue::su(o.password.clone(), &o.password_prompts, &o.incorrect_prompts);
-            (o.command(&stage.script()), Box::new(d))
-        })
+    fn wiring(&self) -> Result<Wiring, StartError> {
+        wiring("su", &self.username, &self.program, self.cache, self.pipes)
+    }
+
+    fn command(&self, stage: &FirstStage, _deadline: Instant) -> (Command, Option<Box<dyn Dialogue>>) {
+        let d = PromptDialogue::su(self.password.clone(), &self.password_prompts, &self.incorrect_prompts);
+        (self.command(&stage.script()), Some(Box::new(d)))
     }
 }
 
-/// The doas transport.
-#[derive(Debug, Clone)]
-pub struct DoasTransport {
-    opts: DoasOptions,
-    arg0: String,
-    image_hash: String,
-}
-
-impl DoasTransport {
-    /// A transport for `opts` (see [`SudoTransport::new`]).
-    pub fn new(opts: DoasOptions, arg0: impl Into<String>, image_hash: impl Into<String>) -> DoasTransport {
-        DoasTransport { opts, arg0: arg0.into(), image_hash: image_hash.into() }
-    }
-}
-
-impl Transport for DoasTransport {
+impl CommandMethod for DoasOptions {
     fn method(&self) -> &'static str {
         "doas"
     }
 
-    fn start(&mut self, _deadline: Instant) -> Result<Connection, StartError> {
-        let o = &self.opts;
-        let s = Start {
-            method: "doas",
-            username: &o.username,
-            program: &o.program,
-            cache: o.cache,
-            pipes: o.pipes,
-            arg0: &self.arg0,
-            image_hash: &self.image_hash,
-        };
-        start(s, |stage| {
-            let d = PromptDialogue::doas(o.password.clone(), &o.password_prompts, &o.incorrect_prompts);
-            (o.command(&stage.script()), Box::new(d))
-        })
+    fn wiring(&self) -> Result<Wiring, StartError> {
+        wiring("doas", &self.username, &self.program, self.cache, self.pipes)
+    }
+
+    fn command(&self, stage: &FirstStage, _deadline: Instant) -> (Command, Option<Box<dyn Dialogue>>) {
+        let d = PromptDialogue::doas(self.password.clone(), &self.password_prompts, &self.incorrect_prompts);
+        (self.command(&stage.script()), Some(Box::new(d)))
     }
 }
+
+/// The sudo transport.
+pub type SudoTransport = CommandTransport<SudoOptions>;
+/// The su transport.
+pub type SuTransport = CommandTransport<SuOptions>;
+/// The doas transport.
+pub type DoasTransport = CommandTransport<DoasOptions>;
 
 #[cfg(test)]
 mod tests {
@@ -493,6 +347,7 @@ mod tests {
 
     #[test]
     fn bad_usernames_are_refused_before_anything_runs() {
+        use mitogen_core::Transport;
         let mut t = SuTransport::new(SuOptions { username: "-x".into(), ..Default::default() }, "a", "h");
         assert!(matches!(t.start(Instant::now()), Err(StartError::Options(_))));
     }

@@ -1,0 +1,92 @@
+//! Methods that start the agent by running a command (sudo, su, doas, ssh, docker exec):
+//! the command runs the sh first stage ([`crate::bootstrap`]) and the image follows over
+//! the stream. A method only says which command and which login dialogue;
+//! [`CommandTransport`] does the rest, the same way for every method.
+
+use crate::bootstrap::{random_token, FirstStage};
+use crate::{spawn_hybrid, DataChannel, SELF_EXE};
+use mitogen_core::transport::{Bootstrap, Connection, StartError, Transport};
+use mitogen_core::Dialogue;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+/// How a started command is wired and what it is sent.
+#[derive(Debug, Clone)]
+pub struct Wiring {
+    /// The agent image; `None` sends the current executable.
+    pub program: Option<PathBuf>,
+    /// Let the first stage use the target's image cache.
+    pub cache: bool,
+    /// Give the command a PTY as controlling terminal and stderr (for prompts).
+    pub pty: bool,
+    /// What carries the messages.
+    pub data: DataChannel,
+    /// A short description for errors and logs.
+    pub description: String,
+}
+
+/// One command-based connection method, as its options.
+pub trait CommandMethod: std::fmt::Debug + Clone + Send {
+    /// The method's name (`sudo`, `ssh`, ...).
+    fn method(&self) -> &'static str;
+
+    /// How the command is wired; an error for invalid options (checked before anything runs).
+    fn wiring(&self) -> Result<Wiring, StartError>;
+
+    /// The command running `stage` (its script and token), and the dialogue that watches
+    /// its terminal or stderr while it logs in. `deadline` bounds the whole start.
+    fn command(&self, stage: &FirstStage, deadline: Instant) -> (Command, Option<Box<dyn Dialogue>>);
+}
+
+/// The transport of any [`CommandMethod`].
+#[derive(Debug, Clone)]
+pub struct CommandTransport<M> {
+    method: M,
+    arg0: String,
+    image_hash: String,
+}
+
+impl<M: CommandMethod> CommandTransport<M> {
+    /// A transport for `method`; `arg0` is what `ps` shows for the agent; `image_hash` is
+    /// the image's build id (the first stage's cache key).
+    pub fn new(method: M, arg0: impl Into<String>, image_hash: impl Into<String>) -> CommandTransport<M> {
+        CommandTransport { method, arg0: arg0.into(), image_hash: image_hash.into() }
+    }
+}
+
+impl<M: CommandMethod + 'static> Transport for CommandTransport<M> {
+    fn method(&self) -> &'static str {
+        self.method.method()
+    }
+
+    fn start(&mut self, deadline: Instant) -> Result<Connection, StartError> {
+        let w = self.method.wiring()?;
+        let stage = FirstStage {
+            token: random_token(),
+            hash: self.image_hash.clone(),
+            argv0: self.arg0.clone(),
+            cache: w.cache,
+        };
+        let (mut cmd, dialogue) = self.method.command(&stage, deadline);
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let (child, stream, diag) =
+            spawn_hybrid(&mut cmd, w.pty, w.data).map_err(|source| StartError::Spawn { program, source })?;
+        // Our copies of the PTY slave and the child's stream ends must go, or end of file
+        // never comes.
+        drop(cmd);
+        Ok(Connection {
+            read: stream.read,
+            write: stream.write,
+            diag,
+            process: Some(child),
+            description: w.description,
+            bootstrap: Bootstrap::FirstStage {
+                token: stage.token,
+                image: w.program.unwrap_or_else(|| PathBuf::from(SELF_EXE)),
+                cache: w.cache,
+            },
+            dialogue,
+        })
+    }
+}
