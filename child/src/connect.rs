@@ -567,8 +567,11 @@ fn io_step(
                 mitogen_core::DialogueStep::Write(answer)
                 | mitogen_core::DialogueStep::WriteInput(answer) => {
                     let conn = p.conn();
-                    let fd = match (&step, &conn.diag) {
-                        (mitogen_core::DialogueStep::Write(_), Some(d)) => d.as_raw_fd(),
+                    // `diag` is open: its output was just read.
+                    let fd = match &step {
+                        mitogen_core::DialogueStep::Write(_) => {
+                            conn.diag.as_ref().expect("polled").as_raw_fd()
+                        }
                         _ => conn.write.as_raw_fd(),
                     };
                     // SAFETY: answer is valid for reads of its length. The answer is never
