@@ -167,6 +167,7 @@ pub(crate) fn run(registry: Registry) -> Result<(), AgentError> {
         description: "parent".into(),
         bootstrap: mitogen_core::Bootstrap::Direct,
         dialogue: None,
+        driver: None,
     };
     h.add_stream(conn, parent_id, true, "parent")?;
 

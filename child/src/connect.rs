@@ -66,8 +66,8 @@ pub enum Method {
 }
 
 impl Method {
-    fn transport(&self, arg0: String, image_hash: String) -> Box<dyn Transport> {
-        match self {
+    fn transport(&self, arg0: String, image_hash: String) -> Result<Box<dyn Transport>, StartError> {
+        Ok(match self {
             Method::Local(o) => Box::new(LocalTransport::new(o.clone(), arg0, image_hash)),
             #[cfg(feature = "sudo")]
             Method::Sudo(o) => {
@@ -80,12 +80,12 @@ impl Method {
                 Box::new(mitogen_transport_sudo::DoasTransport::new(o.clone(), arg0, image_hash))
             }
             #[cfg(feature = "ssh")]
-            Method::Ssh(o) => Box::new(mitogen_transport_ssh::SshTransport::new(o.clone(), arg0, image_hash)),
+            Method::Ssh(o) => return o.transport(arg0, image_hash),
             #[cfg(feature = "container")]
             Method::Container(o) => {
                 Box::new(mitogen_transport_container::ContainerTransport::new(o.clone(), arg0, image_hash))
             }
-        }
+        })
     }
 
     /// This hop's part of the context name.
@@ -277,9 +277,19 @@ pub(crate) fn connect(
     // The first stage needs the hash up front (cache key); otherwise it is computed while
     // the child starts up.
     let early = if method.through_first_stage() { Some(method.expected_build_id()?) } else { None };
-    let mut transport = method.transport(agent_arg0(), early.clone().unwrap_or_default());
-    let conn = transport.start(deadline)?;
+    let mut conn = method
+        .transport(agent_arg0(), early.clone().unwrap_or_default())
+        .and_then(|mut t| t.start(deadline))
+        .map_err(|e| match e {
+            StartError::Login { error, output } => ConnectError::Login { error, output },
+            e => ConnectError::Start(e),
+        })?;
+    // An in-process client (libssh2) pumps its session on the broker thread from now on.
+    let driver = conn.driver.take();
     let mut pending = Pending { conn: Some(conn) };
+    if let Some(d) = driver {
+        broker.add_driver(d)?;
+    }
     let mut diag = DiagLines::default();
     set_nonblocking(&pending.conn().read)?;
     set_nonblocking(&pending.conn().write)?;

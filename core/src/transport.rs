@@ -5,6 +5,7 @@
 //! [`Connection`]. The bootstrap handshake that follows is the same for every method and
 //! lives in `mitogen-child`; routing and I/O afterwards belong to the [`crate::Broker`].
 
+use crate::broker::Driver;
 use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -12,7 +13,6 @@ use std::process::Child;
 use std::time::Instant;
 
 /// A started child: the pipe carrying messages, plus what must be watched and cleaned up.
-#[derive(Debug)]
 pub struct Connection {
     /// Messages from the child are read here (non-blocking is set by the broker).
     pub read: OwnedFd,
@@ -29,6 +29,25 @@ pub struct Connection {
     /// A login dialogue (password prompts) run on `diag` while the child starts; what it
     /// answers is written to `diag` (a PTY) or to `write` ([`DialogueStep::WriteInput`]).
     pub dialogue: Option<Box<dyn Dialogue>>,
+    /// An in-process protocol client (e.g. libssh2) to run on the broker thread, which
+    /// pumps bytes between its session and the far ends of `read`/`write` and `diag`. The
+    /// connecting code hands it to the broker before the bootstrap begins.
+    pub driver: Option<Box<dyn Driver>>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("read", &self.read)
+            .field("write", &self.write)
+            .field("diag", &self.diag)
+            .field("process", &self.process)
+            .field("description", &self.description)
+            .field("bootstrap", &self.bootstrap)
+            .field("dialogue", &self.dialogue)
+            .field("driver", &self.driver.as_ref().map(|_| "Driver"))
+            .finish()
+    }
 }
 
 /// What a [`Dialogue`] wants after seeing some output.
@@ -151,6 +170,14 @@ pub enum StartError {
     /// The method is misconfigured (bad option values).
     #[error("invalid options: {0}")]
     Options(String),
+    /// An in-process login failed (the libssh2 backend logs in before anything runs).
+    #[error("{error}")]
+    Login {
+        /// What failed.
+        error: LoginError,
+        /// Lines that explain it, like a program's own error output (never a password).
+        output: Vec<String>,
+    },
 }
 
 /// A connection method: local subprocess, sudo, ssh, container exec...

@@ -44,7 +44,7 @@ pub use mitogen_core::{
 pub use mitogen_transport_container::{ContainerOptions, Runtime};
 pub use mitogen_transport_local::LocalOptions;
 #[cfg(feature = "ssh")]
-pub use mitogen_transport_ssh::{HostKeyPolicy, SshOptions};
+pub use mitogen_transport_ssh::{HostKeyPolicy, SshBackend, SshOptions};
 #[cfg(feature = "sudo")]
 pub use mitogen_transport_sudo::{DoasOptions, SuOptions, SudoOptions};
 #[cfg(feature = "container")]

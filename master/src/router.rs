@@ -471,6 +471,16 @@ impl Ssh {
         self
     }
 
+    /// The ssh client: [`SshBackend::OpenSsh`](crate::SshBackend::OpenSsh) (default) or
+    /// [`SshBackend::Libssh2`](crate::SshBackend::Libssh2) (cargo feature `libssh2`, in
+    /// process; the ssh configuration, `ssh_path`, `extra_args` and `ssh_debug_level` do
+    /// not apply to it). Connecting fails with [`crate::ConnectError::Start`] where the
+    /// connecting context's program was built without the backend.
+    pub fn backend(mut self, backend: crate::SshBackend) -> Ssh {
+        self.opts.backend = backend;
+        self
+    }
+
     /// ssh compression (off by default).
     pub fn compression(mut self, on: bool) -> Ssh {
         self.opts.compression = on;

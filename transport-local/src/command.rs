@@ -87,6 +87,7 @@ impl<M: CommandMethod + 'static> Transport for CommandTransport<M> {
                 cache: w.cache,
             },
             dialogue,
+            driver: None,
         })
     }
 }

@@ -162,6 +162,7 @@ impl Transport for LocalTransport {
             description: program.display().to_string(),
             bootstrap: boot,
             dialogue: None,
+            driver: None,
         })
     }
 }

@@ -14,8 +14,12 @@
 #![warn(missing_docs)]
 
 mod dialogue;
+#[cfg(feature = "libssh2")]
+mod libssh2;
 
 pub use dialogue::SshDialogue;
+#[cfg(feature = "libssh2")]
+pub use libssh2::Libssh2Transport;
 
 use mitogen_core::{Dialogue, Password, StartError};
 use mitogen_transport_local::bootstrap::FirstStage;
@@ -38,6 +42,29 @@ pub enum HostKeyPolicy {
     /// No checking at all, nothing recorded (`StrictHostKeyChecking=no`, no known-hosts
     /// file). Only for throw-away hosts.
     Ignore,
+}
+
+/// Which ssh client makes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum SshBackend {
+    /// The system's OpenSSH `ssh` program: the user's configuration, agent and
+    /// `ProxyJump` apply.
+    #[default]
+    OpenSsh,
+    /// libssh2, in-process (cargo feature `libssh2`): no ssh program needed; the ssh
+    /// configuration does not apply.
+    Libssh2,
+}
+
+impl SshBackend {
+    /// True if this program was built with the backend.
+    pub fn is_available(self) -> bool {
+        match self {
+            SshBackend::OpenSsh => true,
+            SshBackend::Libssh2 => cfg!(feature = "libssh2"),
+        }
+    }
 }
 
 /// Options of the ssh method.
@@ -79,6 +106,9 @@ pub struct SshOptions {
     pub program: Option<PathBuf>,
     /// Keep the image in the remote account's cache and reuse it.
     pub cache: bool,
+    /// The ssh client: OpenSSH (default) or libssh2. `ssh_path`, `extra_args` and
+    /// `ssh_debug_level` only apply to OpenSSH.
+    pub backend: SshBackend,
 }
 
 impl Default for SshOptions {
@@ -101,6 +131,7 @@ impl Default for SshOptions {
             connect_timeout: None,
             program: None,
             cache: false,
+            backend: SshBackend::OpenSsh,
         }
     }
 }
@@ -164,9 +195,33 @@ impl SshOptions {
         if self.ssh_debug_level > 0 {
             cmd.arg(format!("-{}", "v".repeat(self.ssh_debug_level.min(3).into())));
         }
-        cmd.args(&self.extra_args).arg("--").arg(&self.hostname).arg(format!("exec /bin/sh -c '{script}'"));
+        cmd.args(&self.extra_args).arg("--").arg(&self.hostname).arg(remote_command(script));
         cmd
     }
+
+    /// The transport for these options' backend, or an error if this program was built
+    /// without it.
+    pub fn transport(
+        &self,
+        arg0: String,
+        image_hash: String,
+    ) -> Result<Box<dyn mitogen_core::Transport>, StartError> {
+        match self.backend {
+            SshBackend::OpenSsh => Ok(Box::new(SshTransport::new(self.clone(), arg0, image_hash))),
+            #[cfg(feature = "libssh2")]
+            SshBackend::Libssh2 => Ok(Box::new(Libssh2Transport::new(self.clone(), arg0, image_hash))),
+            #[cfg(not(feature = "libssh2"))]
+            SshBackend::Libssh2 => Err(StartError::Options(
+                "this program was built without the libssh2 ssh backend (cargo feature `libssh2`)".into(),
+            )),
+        }
+    }
+}
+
+/// What the far account's shell runs: `exec /bin/sh` with the first stage as one
+/// single-quoted argument (the script has no single quote).
+pub(crate) fn remote_command(script: &str) -> String {
+    format!("exec /bin/sh -c '{script}'")
 }
 
 impl CommandMethod for SshOptions {

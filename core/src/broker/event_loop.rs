@@ -3,7 +3,7 @@
 use super::rx::StreamRx;
 use super::stream::StreamTx;
 use super::sys;
-use super::{resolve, BrokerHandle, Command, Deferred, LineSink, Resolved};
+use super::{resolve, BrokerHandle, Command, Deferred, Driver, LineSink, Resolved, Wants};
 use crate::ids;
 use crate::message::{Kind, Message};
 use crate::router::StreamId;
@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 // Poll keys: each stream gets a slot `k`; its read fd is 4k, its write fd 4k+1 and its
-// diagnostic fd 4k+2. Free-standing line readers use 4k+3 from their own counter.
+// diagnostic fd 4k+2. Keys 4n+3 belong to the rest: free-standing line readers use even
+// n (their own counter), drivers odd n (descriptor i of driver d: n = 2(8d+i)+1).
 pub(super) fn read_key(k: usize) -> usize {
     k * 4
 }
@@ -26,6 +27,19 @@ pub(super) fn write_key(k: usize) -> usize {
 }
 fn diag_key(k: usize) -> usize {
     k * 4 + 2
+}
+fn line_key(m: usize) -> usize {
+    (2 * m) * 4 + 3
+}
+/// Most descriptors one driver may poll.
+const DRIVER_FDS: usize = 8;
+fn driver_key(d: usize, i: usize) -> usize {
+    (2 * (d * DRIVER_FDS + i) + 1) * 4 + 3
+}
+/// The driver and descriptor index of a driver key.
+fn driver_of(key: usize) -> Option<(usize, usize)> {
+    let n = key / 4;
+    (key % 4 == 3 && n % 2 == 1).then_some(((n / 2) / DRIVER_FDS, (n / 2) % DRIVER_FDS))
 }
 
 /// Longest line kept before it is cut (diagnostic output with no newline).
@@ -57,11 +71,18 @@ struct Reaping {
     signalled: u8,
 }
 
+struct Driven {
+    driver: Box<dyn Driver>,
+    deadline: Option<Instant>,
+}
+
 struct Loop {
     h: BrokerHandle,
     readers: HashMap<usize, Reader>,
     lines: HashMap<usize, Lines>,
     next_line_key: usize,
+    drivers: HashMap<usize, Driven>,
+    next_driver: usize,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     timer_fns: HashMap<u64, Deferred>,
     next_timer: u64,
@@ -75,7 +96,9 @@ pub(super) fn run(h: BrokerHandle) {
         h,
         readers: HashMap::new(),
         lines: HashMap::new(),
-        next_line_key: 1 << 28,
+        next_line_key: 0,
+        drivers: HashMap::new(),
+        next_driver: 0,
         timers: BinaryHeap::new(),
         timer_fns: HashMap::new(),
         next_timer: 0,
@@ -101,6 +124,7 @@ pub(super) fn run(h: BrokerHandle) {
             lp.on_event(ev);
         }
         lp.run_timers();
+        lp.run_driver_deadlines();
         lp.reap(false);
     }
     lp.finish();
@@ -123,10 +147,11 @@ impl Loop {
                     self.add_reader(stream, key, rx, diag, process, name)
                 }
                 Command::AddLines { fd, sink } => {
-                    let key = self.next_line_key * 4 + 3;
+                    let key = line_key(self.next_line_key);
                     self.next_line_key += 1;
                     self.add_lines(key, fd, sink);
                 }
+                Command::AddDriver(d) => self.add_driver(d),
                 Command::Timer { at, f } => {
                     let id = self.next_timer;
                     self.next_timer += 1;
@@ -185,6 +210,70 @@ impl Loop {
         }
     }
 
+    fn add_driver(&mut self, driver: Box<dyn Driver>) {
+        let d = self.next_driver;
+        self.next_driver += 1;
+        let fds = driver.fds();
+        if fds.len() > DRIVER_FDS {
+            log::error!("{}: a driver polls {} descriptors (at most {DRIVER_FDS})", self.name(), fds.len());
+            return;
+        }
+        for (i, fd) in fds.iter().enumerate() {
+            // SAFETY: deleted in `end_driver` (or `finish`) before the driver, which owns
+            // the descriptors, is dropped.
+            if let Err(e) = unsafe {
+                self.h.shared.poller.add_with_mode(fd, Event::none(driver_key(d, i)), PollMode::Level)
+            } {
+                log::error!("{}: cannot poll a driver: {e}", self.name());
+                for fd in &fds[..i] {
+                    let _ = self.h.shared.poller.delete(fd);
+                }
+                return;
+            }
+        }
+        drop(fds);
+        self.drivers.insert(d, Driven { driver, deadline: None });
+        self.poll_driver(d);
+    }
+
+    /// Lets driver `d` make progress, then polls what it wants next.
+    fn poll_driver(&mut self, d: usize) {
+        let Some(dr) = self.drivers.get_mut(&d) else { return };
+        match dr.driver.poll(Instant::now()) {
+            Some(Wants { interest, deadline }) => {
+                dr.deadline = deadline;
+                for (i, (fd, want)) in dr.driver.fds().iter().zip(interest).enumerate() {
+                    let mut ev = Event::none(driver_key(d, i));
+                    ev.readable = want.readable;
+                    ev.writable = want.writable;
+                    let _ = self.h.shared.poller.modify_with_mode(fd, ev, PollMode::Level);
+                }
+            }
+            None => self.end_driver(d),
+        }
+    }
+
+    fn end_driver(&mut self, d: usize) {
+        if let Some(dr) = self.drivers.remove(&d) {
+            for fd in dr.driver.fds() {
+                let _ = self.h.shared.poller.delete(fd);
+            }
+        }
+    }
+
+    fn run_driver_deadlines(&mut self) {
+        let now = Instant::now();
+        let due: Vec<usize> = self
+            .drivers
+            .iter()
+            .filter(|(_, dr)| dr.deadline.is_some_and(|t| t <= now))
+            .map(|(d, _)| *d)
+            .collect();
+        for d in due {
+            self.poll_driver(d);
+        }
+    }
+
     fn key_of(&self, stream: StreamId) -> Option<usize> {
         self.readers.iter().find(|(_, r)| r.stream == stream).map(|(k, _)| *k)
     }
@@ -200,7 +289,10 @@ impl Loop {
                     self.lose(k, &why);
                 }
             }
-            _ => self.on_lines(ev.key),
+            _ => match driver_of(ev.key) {
+                Some((d, _)) => self.poll_driver(d),
+                None => self.on_lines(ev.key),
+            },
         }
     }
 
@@ -284,6 +376,9 @@ impl Loop {
         let mut consider = |at: Instant| t = Some(t.map_or(at, |t| t.min(at)));
         if let Some(d) = self.shutdown_deadline {
             consider(d);
+        }
+        for at in self.drivers.values().filter_map(|dr| dr.deadline) {
+            consider(at);
         }
         for p in &self.reaping {
             if p.since <= now {
@@ -401,6 +496,10 @@ impl Loop {
         }
         for (_, l) in self.lines.drain() {
             let _ = self.h.shared.poller.delete(&l.fd);
+        }
+        let drivers: Vec<usize> = self.drivers.keys().copied().collect();
+        for d in drivers {
+            self.end_driver(d);
         }
         // Drop timers without running them.
         self.timer_fns.clear();

@@ -9,11 +9,13 @@
 //! every waiter is woken with a dead "broker has exited" message, and any later use fails at
 //! once with [`BrokerError::Shutdown`].
 
+mod driver;
 mod event_loop;
 mod rx;
 mod stream;
 mod sys;
 
+pub use driver::{Driver, Interest, Wants};
 pub(crate) use rx::wake;
 use rx::StreamRx;
 
@@ -128,6 +130,8 @@ pub(crate) enum Command {
     },
     /// Read an fd line by line into a callback.
     AddLines { fd: OwnedFd, sink: LineSink },
+    /// Drive a transport's protocol on the broker thread.
+    AddDriver(Box<dyn Driver>),
     /// Run a callback at a time.
     Timer { at: Instant, f: Deferred },
     /// Close a stream as if it had hit end of file.
@@ -472,6 +476,13 @@ impl BrokerHandle {
         self.check_running()?;
         sys::set_nonblocking(fd.as_fd())?;
         self.command(Command::AddLines { fd, sink });
+        Ok(())
+    }
+
+    /// Runs `driver` on the broker thread until it finishes (or the broker exits).
+    pub fn add_driver(&self, driver: Box<dyn Driver>) -> Result<(), BrokerError> {
+        self.check_running()?;
+        self.command(Command::AddDriver(driver));
         Ok(())
     }
 

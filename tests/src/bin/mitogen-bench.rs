@@ -98,6 +98,29 @@ fn main() -> anyhow::Result<()> {
         return writer();
     }
     let w = std::env::args().nth(1).unwrap_or_default();
+    // `libssh2-<x>` is the ssh workload `ssh-<x>` through the libssh2 backend.
+    let (backend, ssh_w) = match w.strip_prefix("libssh2-") {
+        Some(rest) => (mitogen::SshBackend::Libssh2, format!("ssh-{rest}")),
+        None => (mitogen::SshBackend::OpenSsh, w.clone()),
+    };
+    let spec = || ssh_spec().backend(backend);
+    match ssh_w.as_str() {
+        "ssh-lifecycle" => return ssh_lifecycle(&w, spec, false),
+        "ssh-lifecycle-cached" => return ssh_lifecycle(&w, spec, true),
+        "ssh-roundtrip" => {
+            let r = Router::new()?;
+            return roundtrip_on(&r.ssh(spec())?, &w);
+        }
+        "ssh-stream-c2p" => {
+            let r = Router::new()?;
+            return stream_c2p_on(&r, &r.ssh(spec())?, &w);
+        }
+        "ssh-args-p2c" => {
+            let r = Router::new()?;
+            return args_p2c_on(&r.ssh(spec())?, &w);
+        }
+        _ => {}
+    }
     match w.as_str() {
         "floor-pingpong" => floor_pingpong(),
         "floor-write" => floor_write(),
@@ -117,20 +140,6 @@ fn main() -> anyhow::Result<()> {
         "floor-ssh" => floor_ssh(),
         "floor-ssh-down" => floor_ssh_down(),
         "floor-ssh-up" => floor_ssh_up(),
-        "ssh-lifecycle" => ssh_lifecycle(false),
-        "ssh-lifecycle-cached" => ssh_lifecycle(true),
-        "ssh-roundtrip" => {
-            let r = Router::new()?;
-            roundtrip_on(&r.ssh(ssh_spec())?, "ssh-roundtrip")
-        }
-        "ssh-stream-c2p" => {
-            let r = Router::new()?;
-            stream_c2p_on(&r, &r.ssh(ssh_spec())?, "ssh-stream-c2p")
-        }
-        "ssh-args-p2c" => {
-            let r = Router::new()?;
-            args_p2c_on(&r.ssh(ssh_spec())?, "ssh-args-p2c")
-        }
         _ => anyhow::bail!("unknown workload {w:?}"),
     }
 }
@@ -512,11 +521,11 @@ fn floor_ssh_up() -> anyhow::Result<()> {
 
 /// An ssh context: create, first call, shutdown; median of 20. Fresh: the image is sent
 /// every time; cached: the remote cache holds it (filled once first).
-fn ssh_lifecycle(cached: bool) -> anyhow::Result<()> {
+fn ssh_lifecycle(name: &str, spec: impl Fn() -> mitogen::Ssh, cached: bool) -> anyhow::Result<()> {
     let r = Router::new()?;
-    let spec = || ssh_spec().cache(cached);
+    let spec = || spec().cache(cached);
     if cached {
         r.ssh(spec())?.shutdown(Duration::from_secs(10))?;
     }
-    lifecycle_of(if cached { "ssh-lifecycle-cached" } else { "ssh-lifecycle" }, || r.ssh(spec()))
+    lifecycle_of(name, || r.ssh(spec()))
 }

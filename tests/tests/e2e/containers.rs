@@ -23,21 +23,6 @@ fn docker_exec_into_containers_as_an_account() {
 }
 
 #[test]
-fn docker_exec_through_ssh_and_sudo_on_a_container_host() {
-    let e = E2e::get();
-    let r = Router::new().unwrap();
-    // plain has the engine's socket; only root may use it.
-    let host = r.ssh(ssh(&e, "plain", "sudo")).unwrap();
-    let root = r.sudo(Sudo::new().via(&host)).unwrap();
-    let c = r
-        .container(Container::docker(e.container("noexec")).username("mitogen-test-key").via(&root))
-        .unwrap();
-    assert_eq!(c.name(), format!("ssh.{}.sudo.root.docker.{}", e.ip("plain"), e.container("noexec")));
-    let data = mitogen::Bytes(block(2, 2, 2 << 20));
-    assert_eq!(c.call(echo, (data.clone(),)).unwrap(), data);
-}
-
-#[test]
 fn a_missing_container_is_a_typed_error() {
     let r = Router::new().unwrap();
     let err = r.container(Container::docker("mitogen-e2e-does-not-exist").program(agent())).unwrap_err();
@@ -63,4 +48,20 @@ fn container_killed_mid_call_fails_the_pending_call() {
     assert!(t.elapsed() < std::time::Duration::from_secs(10), "{:?}", t.elapsed());
     assert_eq!(c.call(add, (1, 1)).unwrap_err().dead_reason(), Some(mitogen::DeadReason::NoRoute));
     assert_eq!(hygiene().zombies, 0);
+}
+
+per_backend! {
+    fn docker_exec_through_ssh_and_sudo_on_a_container_host(b: SshBackend) {
+        let e = E2e::get();
+        let r = Router::new().unwrap();
+        // plain has the engine's socket; only root may use it.
+        let host = r.ssh(ssh(b, &e, "plain", "sudo")).unwrap();
+        let root = r.sudo(Sudo::new().via(&host)).unwrap();
+        let c = r
+            .container(Container::docker(e.container("noexec")).username("mitogen-test-key").via(&root))
+            .unwrap();
+        assert_eq!(c.name(), format!("ssh.{}.sudo.root.docker.{}", e.ip("plain"), e.container("noexec")));
+        let data = mitogen::Bytes(block(2, 2, 2 << 20));
+        assert_eq!(c.call(echo, (data.clone(),)).unwrap(), data);
+    }
 }

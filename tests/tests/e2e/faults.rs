@@ -1,12 +1,13 @@
 use crate::agent;
-use mitogen::{DeadReason, HostKeyPolicy, Router, Ssh};
+use mitogen::{DeadReason, HostKeyPolicy, Router, Ssh, SshBackend};
 use mitogen_tests::e2e::{E2e, PrivateHost};
 use mitogen_tests::*;
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
-fn to(e: &E2e, ip: &str) -> Ssh {
+fn to(b: SshBackend, e: &E2e, ip: &str) -> Ssh {
     Ssh::new(ip)
+        .backend(b)
         .username("mitogen-test-key")
         .identity_file(e.key())
         .identities_only(true)
@@ -20,19 +21,20 @@ fn to(e: &E2e, ip: &str) -> Ssh {
 /// "disconnected" within the keepalive bound (1 s x 2, plus slack), and later calls say
 /// "no route". With `via`, the hop is made by the shared `plain` host, which must not keep
 /// an ssh client for it.
-fn pending_call_fails_when(tag: &str, fault: impl FnOnce(&PrivateHost), via_plain: bool) {
+fn pending_call_fails_when(b: SshBackend, tag: &str, fault: impl FnOnce(&PrivateHost), via_plain: bool) {
     let e = E2e::get();
     let h = e.private_host(tag);
     let r = Router::new().unwrap();
     let (ctx, mid) = if via_plain {
-        let mid = r.ssh(crate::ssh(&e, "plain", "key")).unwrap();
+        let mid = r.ssh(crate::ssh(b, &e, "plain", "key")).unwrap();
         let s = Ssh::new(&h.ip)
+            .backend(b)
             .username("mitogen-test-key")
             .check_host_keys(HostKeyPolicy::Ignore)
             .keepalive(Some(Duration::from_secs(1)), 2);
         (r.ssh(s.via(&mid)).unwrap(), Some(mid))
     } else {
-        (r.ssh(to(&e, &h.ip)).unwrap(), None)
+        (r.ssh(to(b, &e, &h.ip)).unwrap(), None)
     };
     assert_eq!(ctx.call(add, (1, 2)).unwrap(), 3);
     let mut pending = ctx.call_async(hang, ()).unwrap();
@@ -53,65 +55,58 @@ fn pending_call_fails_when(tag: &str, fault: impl FnOnce(&PrivateHost), via_plai
     assert_eq!(hygiene().zombies, 0);
 }
 
-#[test]
-fn host_killed_mid_call_through_an_intermediary() {
-    pending_call_fails_when("kill", |h| h.docker("kill", &[]), true);
-}
-
-#[test]
-fn host_paused_mid_call() {
-    pending_call_fails_when("pause", |h| h.docker("pause", &[]), false);
-}
-
-#[test]
-fn host_cut_off_from_its_network_mid_call() {
-    let network = "mitogen-e2e";
-    pending_call_fails_when("cut", |h| h.docker("network", &["disconnect", network]), false);
-}
-
-#[test]
-fn sigkill_master_leaves_no_agent_on_any_host_after_a_second() {
-    let e = E2e::get();
-    let mut master = std::process::Command::new(agent())
-        .args(["ssh-tree", &e.ip("plain"), &e.ip("noperl")])
-        .arg(e.key())
-        .arg(e.known_hosts())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(master.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let pids: Vec<u32> = line.split_whitespace().skip(1).map(|p| p.parse().unwrap()).collect();
-    assert_eq!(pids.len(), 2, "{line:?}");
-    master.kill().unwrap();
-    let killed = Instant::now();
-    master.wait().unwrap();
-    std::thread::sleep(Duration::from_secs(1).saturating_sub(killed.elapsed()));
-    for (host, pid) in [("plain", pids[0]), ("noperl", pids[1])] {
-        let alive = e.exec(&e.container(host), &format!("cat /proc/{pid}/cmdline 2>/dev/null"));
-        assert!(!alive.starts_with("mitogen:"), "agent {pid} on {host} runs 1 s after the master died");
+per_backend! {
+    fn host_killed_mid_call_through_an_intermediary(b: SshBackend) {
+        pending_call_fails_when(b, "kill", |h| h.docker("kill", &[]), true);
     }
-}
-
-#[test]
-fn a_hung_host_at_connect_time_hits_the_connect_timeout() {
-    let e = E2e::get();
-    let h = e.private_host("hung");
-    // Its kernel still accepts TCP connections, but sshd never answers.
-    h.docker("pause", &[]);
-    let r = Router::new().unwrap();
-    let started = Instant::now();
-    let err = r.ssh(to(&e, &h.ip).connect_timeout(Duration::from_secs(2))).unwrap_err();
-    // ssh's own ConnectTimeout is what is left of ours: whichever fires first, the error
-    // is a typed timeout.
-    match &err {
-        mitogen::ConnectError::Timeout { .. } => {}
-        mitogen::ConnectError::Login { error: mitogen::LoginError::ConnectTimedOut { host }, output } => {
-            assert_eq!(host, &h.ip);
-            assert!(output.iter().any(|l| l.contains("timed out")), "{output:?}");
+    fn host_paused_mid_call(b: SshBackend) {
+        pending_call_fails_when(b, "pause", |h| h.docker("pause", &[]), false);
+    }
+    fn host_cut_off_from_its_network_mid_call(b: SshBackend) {
+        let network = "mitogen-e2e";
+        pending_call_fails_when(b, "cut", |h| h.docker("network", &["disconnect", network]), false);
+    }
+    fn sigkill_master_leaves_no_agent_on_any_host_after_a_second(b: SshBackend) {
+        let e = E2e::get();
+        let mut master = std::process::Command::new(agent())
+            .args(["ssh-tree", if b == SshBackend::Libssh2 { "libssh2" } else { "openssh" }, &e.ip("plain"), &e.ip("noperl")])
+            .arg(e.key())
+            .arg(e.known_hosts())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(master.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let pids: Vec<u32> = line.split_whitespace().skip(1).map(|p| p.parse().unwrap()).collect();
+        assert_eq!(pids.len(), 2, "{line:?}");
+        master.kill().unwrap();
+        let killed = Instant::now();
+        master.wait().unwrap();
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(killed.elapsed()));
+        for (host, pid) in [("plain", pids[0]), ("noperl", pids[1])] {
+            let alive = e.exec(&e.container(host), &format!("cat /proc/{pid}/cmdline 2>/dev/null"));
+            assert!(!alive.starts_with("mitogen:"), "agent {pid} on {host} runs 1 s after the master died");
         }
-        other => panic!("expected a timeout, got {other:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
-    assert_eq!(hygiene().zombies, 0, "ssh was not reaped");
+    fn a_hung_host_at_connect_time_hits_the_connect_timeout(b: SshBackend) {
+        let e = E2e::get();
+        let h = e.private_host("hung");
+        // Its kernel still accepts TCP connections, but sshd never answers.
+        h.docker("pause", &[]);
+        let r = Router::new().unwrap();
+        let started = Instant::now();
+        let err = r.ssh(to(b, &e, &h.ip).connect_timeout(Duration::from_secs(2))).unwrap_err();
+        // ssh's own ConnectTimeout is what is left of ours: whichever fires first, the error
+        // is a typed timeout.
+        match &err {
+            mitogen::ConnectError::Timeout { .. } => {}
+            mitogen::ConnectError::Login { error: mitogen::LoginError::ConnectTimedOut { host }, output } => {
+                assert_eq!(host, &h.ip);
+                assert!(output.iter().any(|l| l.contains("timed out")), "{output:?}");
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        assert_eq!(hygiene().zombies, 0, "ssh was not reaped");
+    }
 }

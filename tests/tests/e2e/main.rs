@@ -5,15 +5,32 @@
 //! - `chains`: `via` chains mixing ssh and sudo, ten hops, errors on an intermediary
 //! - `containers`: docker exec, directly and through ssh + sudo on a container host
 //! - `faults`: hosts killed, paused or cut off mid-call; the master SIGKILLed
+//!
+//! Every test that uses ssh is written once and run per backend, as
+//! `<module>::openssh::<test>` and `<module>::libssh2::<test>` (see [`per_backend`]).
 
 #![allow(clippy::disallowed_methods)]
+
+/// Defines each test function (taking the backend) once, and a `#[test]` for it in
+/// `mod openssh` and in `mod libssh2`: one test list, run per ssh backend.
+macro_rules! per_backend {
+    ($($(#[$m:meta])* fn $name:ident($b:ident: SshBackend) $body:block)*) => {
+        $($(#[$m])* fn $name($b: mitogen::SshBackend) $body)*
+        mod openssh {
+            $(#[test] fn $name() { super::$name(mitogen::SshBackend::OpenSsh) })*
+        }
+        mod libssh2 {
+            $(#[test] fn $name() { super::$name(mitogen::SshBackend::Libssh2) })*
+        }
+    };
+}
 
 mod chains;
 mod containers;
 mod faults;
 mod ssh;
 
-use mitogen::{HostKeyPolicy, Ssh};
+use mitogen::{HostKeyPolicy, Ssh, SshBackend};
 use mitogen_tests::e2e::E2e;
 use std::time::Duration;
 
@@ -24,8 +41,9 @@ pub fn agent() -> &'static str {
 
 /// An ssh connection from the master to `host` as `mitogen-test-<user>`, with the test
 /// key and known_hosts.
-pub fn ssh(e: &E2e, host: &str, user: &str) -> Ssh {
+pub fn ssh(b: SshBackend, e: &E2e, host: &str, user: &str) -> Ssh {
     Ssh::new(e.ip(host))
+        .backend(b)
         .username(format!("mitogen-test-{user}"))
         .identity_file(e.key())
         .identities_only(true)
@@ -36,8 +54,9 @@ pub fn ssh(e: &E2e, host: &str, user: &str) -> Ssh {
 
 /// An ssh connection made by an intermediary (which has the test key as its default
 /// identity, and no known_hosts for the other hosts).
-pub fn hop(e: &E2e, host: &str, user: &str) -> Ssh {
+pub fn hop(b: SshBackend, e: &E2e, host: &str, user: &str) -> Ssh {
     Ssh::new(e.ip(host))
+        .backend(b)
         .username(format!("mitogen-test-{user}"))
         .check_host_keys(HostKeyPolicy::Ignore)
         .connect_timeout(Duration::from_secs(30))

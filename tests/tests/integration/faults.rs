@@ -167,6 +167,7 @@ fn corrupt_and_oversized_frames_drop_the_stream() {
             description: "test".into(),
             bootstrap: mitogen_core::Bootstrap::Direct,
             dialogue: None,
+            driver: None,
         };
         b.handle().add_stream(conn, 77, false, "peer").unwrap();
         assert_eq!(b.handle().stream_count(), 1);
