@@ -381,8 +381,20 @@ fn bench(args: &[String]) -> Result<()> {
     if let Some(bad) = systems.iter().find(|s| !SYSTEMS.contains(&s.as_str())) {
         bail!("unknown system {bad}; known: {SYSTEMS:?}");
     }
-    run(cargo().args(["build", "--release", "-p", "mitogen-tests", "--bin", "mitogen-bench"]))?;
-    let bin = root().join("target/release/mitogen-bench");
+    // Two builds: the libssh2 workloads need the backend, but linking it (and so OpenSSL)
+    // into every agent would tax every other workload (a bigger image, libssl loaded at
+    // each start): they run on the default feature set, as a user's program would.
+    let bench = |features: &[&str]| -> Result<PathBuf> {
+        run(cargo()
+            .args(["build", "--release", "-p", "mitogen-tests", "--bin", "mitogen-bench", "--no-default-features"])
+            .args(features))?;
+        Ok(root().join("target/release/mitogen-bench"))
+    };
+    let libssh2_bin = root().join("target/release/mitogen-bench-libssh2");
+    if with_ssh {
+        std::fs::copy(bench(&["--features", "libssh2"])?, &libssh2_bin)?;
+    }
+    let bin = bench(&[])?;
     let peers = if systems.iter().any(|s| s != "ours") { Some(peer_python(refresh)?) } else { None };
 
     let mut workloads: Vec<(&str, bool)> = WORKLOADS.to_vec();
@@ -407,7 +419,7 @@ fn bench(args: &[String]) -> Result<()> {
     } else {
         Vec::new()
     };
-    let outcome = run_reps(reps, &workloads, &systems, &bin, &peers, with_sudo, &ssh_env);
+    let outcome = run_reps(reps, &workloads, &systems, (&bin, &libssh2_bin), &peers, with_sudo, &ssh_env);
     if with_ssh {
         e2e::teardown();
     }
@@ -523,7 +535,7 @@ fn run_reps(
     reps: usize,
     workloads: &[(&str, bool)],
     systems: &[String],
-    bin: &Path,
+    (bin, libssh2_bin): (&Path, &Path),
     peers: &Option<(PathBuf, String)>,
     with_sudo: bool,
     ssh_env: &[(&str, String)],
@@ -551,7 +563,7 @@ fn run_reps(
                 };
                 match (system.as_str(), &peers) {
                     ("ours", _) => {
-                        cmd.arg(bin);
+                        cmd.arg(if w.starts_with("libssh2-") { libssh2_bin } else { bin });
                     }
                     (peer, Some((python, _))) => {
                         cmd.arg(python).arg(root().join(format!("bench/peers/{peer}_bench.py")));
