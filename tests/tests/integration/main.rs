@@ -13,6 +13,7 @@
 
 mod bootstrap;
 mod calls;
+mod driver;
 mod faults;
 mod lifecycle;
 mod logs;
