@@ -628,8 +628,10 @@ impl Driver for Pump {
         let done_remote = self.remote_eof && self.from_ssh.is_empty();
         if done_local || done_remote {
             // Either side has finished: the stream ends (the broker sees end of file, the
-            // far agent sees its stdin close when the session goes).
+            // far agent sees its stdin close when the session goes). Best effort: these
+            // do not block, and whatever they could not send is dropped with the socket.
             let _ = self.channel.send_eof();
+            let _ = self.session.disconnect(None, "mitogen: stream closed", None);
             return None;
         }
         let dirs = self.session.block_directions();

@@ -56,6 +56,16 @@ fn pending_call_fails_when(b: SshBackend, tag: &str, fault: impl FnOnce(&Private
 }
 
 per_backend! {
+    /// Keepalives never end a healthy idle connection: 1 s x 2 probes, 5 s idle.
+    fn an_idle_healthy_connection_outlives_its_keepalive_bound(b: SshBackend) {
+        let e = E2e::get();
+        let r = Router::new().unwrap();
+        let c = r.ssh(to(b, &e, &e.ip("plain"))).unwrap();
+        assert_eq!(c.call(add, (1, 2)).unwrap(), 3);
+        std::thread::sleep(Duration::from_secs(5));
+        assert_eq!(c.call(add, (2, 3)).unwrap(), 5);
+    }
+
     fn host_killed_mid_call_through_an_intermediary(b: SshBackend) {
         pending_call_fails_when(b, "kill", |h| h.docker("kill", &[]), true);
     }
