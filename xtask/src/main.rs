@@ -386,7 +386,15 @@ fn bench(args: &[String]) -> Result<()> {
     // each start): they run on the default feature set, as a user's program would.
     let bench = |features: &[&str]| -> Result<PathBuf> {
         run(cargo()
-            .args(["build", "--release", "-p", "mitogen-tests", "--bin", "mitogen-bench", "--no-default-features"])
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "mitogen-tests",
+                "--bin",
+                "mitogen-bench",
+                "--no-default-features",
+            ])
             .args(features))?;
         Ok(root().join("target/release/mitogen-bench"))
     };
