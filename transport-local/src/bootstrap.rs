@@ -18,7 +18,8 @@
 //!    the message stream) and executes the image from memory: `memfd_create` through perl
 //!    or python3 (which first make stdin blocking), with `argv[0]` set so `ps` shows who started it; without either, a private
 //!    file on a tmpfs (tested for exec permission first) that is unlinked before the agent
-//!    runs. With the opt-in cache, the loader also keeps the image under
+//!    runs, filled by `dd` reads of at most what is left (retried like `read` above when
+//!    stdin is non-blocking and empty: a failed or short `dd` loses nothing). With the opt-in cache, the loader also keeps the image under
 //!    `${XDG_CACHE_HOME:-~/.cache}/mitogen/<hash>`, and the next connection sends no image.
 
 use std::fmt::Write as _;
@@ -225,7 +226,10 @@ pub fn answer(loader: Loader, len: usize, arch: &str, cache: bool) -> String {
             "for D in \"$XDG_RUNTIME_DIR\" /dev/shm /tmp \"$HOME\";do [ -d \"$D\" ]||continue;\
              F=$(mktemp \"$D/.mitogen.XXXXXX\" 2>/dev/null)&&chmod 700 \"$F\"&&cp /bin/true \"$F\"&&\"$F\"&&break;\
              rm -f \"$F\";F=;done;[ \"$F\" ]||exit {EXIT_NO_EXEC_DIR};\
-             dd bs=$N count=1 iflag=fullblock of=\"$F\" 2>/dev/null;exec 4<\"$F\";rm -f \"$F\";exec /proc/self/fd/4"
+             :>\"$F\";i=0;while R=$((N-$(wc -c <\"$F\")));[ $R -gt 0 ];do \
+             dd bs=65536 count=$R iflag=count_bytes 2>/dev/null >>\"$F\"||dd bs=$R count=1 2>/dev/null >>\"$F\";\
+             [ $((N-$(wc -c <\"$F\"))) -lt $R ]||{{ [ $((i+=1)) -gt 300 ]&&exit {EXIT_NO_ANSWER};sleep .1;}};done;\
+             exec 4<\"$F\";rm -f \"$F\";exec /proc/self/fd/4"
         ),
     };
     let n = if loader == Loader::Cached { 0 } else { len };

@@ -73,7 +73,7 @@ fn python_loader_runs_the_agent_from_memory() {
 #[test]
 fn without_perl_or_python_a_private_tmpfs_file_is_used_and_unlinked() {
     let r = Router::new().unwrap();
-    let dir = bin_dir("sh", &["uname", "mktemp", "chmod", "cp", "dd", "rm"]);
+    let dir = bin_dir("sh", &["uname", "mktemp", "chmod", "cp", "dd", "rm", "wc", "sleep"]);
     let c = through_sh(&r, Some(&dir)).unwrap();
     let pid = c.call(mitogen::builtins::getpid, ()).unwrap();
     let exe = exe_of(pid);
@@ -209,6 +209,9 @@ fn a_non_blocking_stdin_is_waited_for_by_the_shell_and_the_loaders() {
     use mitogen_transport_local::bootstrap::Loader;
     first_stage_with_non_blocking_stdin(&bin_dir("nb-perl", &["uname", "perl", "sleep"]), Loader::Perl);
     first_stage_with_non_blocking_stdin(&bin_dir("nb-py", &["uname", "python3", "sleep"]), Loader::Python);
+    // sh alone: dd is retried for what is left, never reading past the image.
+    let sh_only = bin_dir("nb-sh", &["uname", "sleep", "mktemp", "chmod", "cp", "rm", "dd", "wc"]);
+    first_stage_with_non_blocking_stdin(&sh_only, Loader::TmpFile);
 }
 
 #[test]
