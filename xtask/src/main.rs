@@ -648,7 +648,7 @@ fn judge(w: &str, m: &str, pinned: bool, v: f64, med: Lookup<'_>) -> (String, St
             let floor = med("ours", "floor-sudo", "median", false);
             let extra = floor.map(|f| v - f);
             (
-                extra.map(|e| format!("+{e:.2} ms")).unwrap_or_default(),
+                extra.map(|e| format!("{e:+.2} ms")).unwrap_or_default(),
                 extra.map(|e| verdict(e <= 5.0, "within 5 ms of sudo -u USER true")).unwrap_or_default(),
             )
         }
@@ -660,7 +660,7 @@ fn judge(w: &str, m: &str, pinned: bool, v: f64, med: Lookup<'_>) -> (String, St
             let extra = med("ours", "floor-ssh", "median", false).map(|f| v - f);
             let limit = if w.ends_with("-cached") { 10.0 } else { 40.0 };
             (
-                extra.map(|e| format!("+{e:.2} ms")).unwrap_or_default(),
+                extra.map(|e| format!("{e:+.2} ms")).unwrap_or_default(),
                 extra
                     .map(|e| verdict(e <= limit, &format!("within {limit} ms of ssh HOST true")))
                     .unwrap_or_default(),
