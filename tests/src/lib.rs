@@ -205,6 +205,19 @@ pub fn hygiene() -> Hygiene {
     Hygiene { fds: count("/proc/self/fd"), threads: count("/proc/self/task"), zombies }
 }
 
+/// Zombie children still there after waiting up to `limit`: the broker reaps exited
+/// processes on its own schedule (within milliseconds), not at the instant a stream ends.
+pub fn zombies_after(limit: Duration) -> usize {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        let z = hygiene().zombies;
+        if z == 0 || std::time::Instant::now() >= until {
+            return z;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `(state, ppid)` of a process, or `None` if it does not exist.
 pub fn proc_stat(pid: u32) -> Option<(char, u32)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -47,7 +47,7 @@ fn container_killed_mid_call_fails_the_pending_call() {
     assert_eq!(err.dead_reason(), Some(mitogen::DeadReason::Disconnected), "{err:?}");
     assert!(t.elapsed() < std::time::Duration::from_secs(10), "{:?}", t.elapsed());
     assert_eq!(c.call(add, (1, 1)).unwrap_err().dead_reason(), Some(mitogen::DeadReason::NoRoute));
-    assert_eq!(hygiene().zombies, 0);
+    assert_eq!(zombies_after(std::time::Duration::from_secs(2)), 0);
 }
 
 per_backend! {

@@ -52,7 +52,7 @@ fn pending_call_fails_when(b: SshBackend, tag: &str, fault: impl FnOnce(&Private
         let left: Vec<&str> = ps.lines().filter(|l| l.starts_with("ssh ") && l.contains(&h.ip)).collect();
         assert!(left.is_empty(), "left running on plain: {left:?}");
     }
-    assert_eq!(hygiene().zombies, 0);
+    assert_eq!(zombies_after(Duration::from_secs(2)), 0);
 }
 
 per_backend! {
@@ -117,6 +117,6 @@ per_backend! {
             other => panic!("expected a timeout, got {other:?}"),
         }
         assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
-        assert_eq!(hygiene().zombies, 0, "ssh was not reaped");
+        assert_eq!(zombies_after(Duration::from_secs(2)), 0, "ssh was not reaped");
     }
 }

@@ -177,6 +177,6 @@ per_backend! {
         let err = r.ssh(ssh(b, &e, "plain", "slow").connect_timeout(Duration::from_secs(2))).unwrap_err();
         assert!(matches!(err, ConnectError::Timeout { .. }), "{err:?}");
         assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
-        assert_eq!(hygiene().zombies, 0, "ssh was not reaped");
+        assert_eq!(zombies_after(Duration::from_secs(2)), 0, "ssh was not reaped");
     }
 }
