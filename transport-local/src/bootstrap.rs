@@ -65,6 +65,14 @@ pub struct FirstStage {
     pub cache: bool,
 }
 
+/// What a method hands to the target account's shell (ssh's remote command, `su -c`): that
+/// shell may not be POSIX, so it only has to `exec /bin/sh` with the first-stage `script`
+/// as one single-quoted argument (the script has no single quote).
+pub fn exec_sh(script: &str) -> String {
+    debug_assert!(!script.contains('\''));
+    format!("exec /bin/sh -c '{script}'")
+}
+
 /// A random hex token from the kernel's generator.
 pub fn random_token() -> String {
     let mut b = [0u8; 8];

@@ -22,7 +22,7 @@ pub use dialogue::SshDialogue;
 pub use libssh2::Libssh2Transport;
 
 use mitogen_core::{Dialogue, Password, StartError};
-use mitogen_transport_local::bootstrap::FirstStage;
+use mitogen_transport_local::bootstrap::{exec_sh, FirstStage};
 use mitogen_transport_local::command::{CommandMethod, CommandTransport, Wiring};
 use mitogen_transport_local::DataChannel;
 use serde::{Deserialize, Serialize};
@@ -142,9 +142,8 @@ impl SshOptions {
         SshOptions { hostname: hostname.into(), ..Default::default() }
     }
 
-    /// The ssh command line running the first-stage `script` on the far host. ssh joins
-    /// the remote command into one string for the remote account's shell, which only has
-    /// to `exec /bin/sh` with one single-quoted argument (the script has no single quote).
+    /// The ssh command line running the first-stage `script` on the far host (ssh joins
+    /// the remote command into one string for the remote account's shell: [`exec_sh`]).
     pub fn command(&self, script: &str) -> Command {
         let mut cmd = Command::new(&self.ssh_path);
         let o = |cmd: &mut Command, kv: String| {
@@ -195,8 +194,16 @@ impl SshOptions {
         if self.ssh_debug_level > 0 {
             cmd.arg(format!("-{}", "v".repeat(self.ssh_debug_level.min(3).into())));
         }
-        cmd.args(&self.extra_args).arg("--").arg(&self.hostname).arg(remote_command(script));
+        cmd.args(&self.extra_args).arg("--").arg(&self.hostname).arg(exec_sh(script));
         cmd
+    }
+
+    /// An error unless `hostname` can be given to ssh (not empty, not an option).
+    pub(crate) fn check_hostname(&self) -> Result<(), StartError> {
+        if self.hostname.is_empty() || self.hostname.starts_with('-') {
+            return Err(StartError::Options(format!("invalid ssh hostname {:?}", self.hostname)));
+        }
+        Ok(())
     }
 
     /// The transport for these options' backend, or an error if this program was built
@@ -218,21 +225,13 @@ impl SshOptions {
     }
 }
 
-/// What the far account's shell runs: `exec /bin/sh` with the first stage as one
-/// single-quoted argument (the script has no single quote).
-pub(crate) fn remote_command(script: &str) -> String {
-    format!("exec /bin/sh -c '{script}'")
-}
-
 impl CommandMethod for SshOptions {
     fn method(&self) -> &'static str {
         "ssh"
     }
 
     fn wiring(&self) -> Result<Wiring, StartError> {
-        if self.hostname.is_empty() || self.hostname.starts_with('-') {
-            return Err(StartError::Options(format!("invalid ssh hostname {:?}", self.hostname)));
-        }
+        self.check_hostname()?;
         Ok(Wiring {
             program: self.program.clone(),
             cache: self.cache,

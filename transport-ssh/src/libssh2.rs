@@ -13,10 +13,10 @@
 //! taken as given, and the defaults are OpenSSH's (port 22, the local user name,
 //! `~/.ssh/known_hosts`, the agent and then `~/.ssh/id_{ed25519,ecdsa,rsa}`).
 
-use crate::{remote_command, HostKeyPolicy, SshOptions};
+use crate::{HostKeyPolicy, SshOptions};
 use mitogen_core::broker::{Driver, Interest, Wants};
 use mitogen_core::transport::{Bootstrap, Connection, LoginError, StartError, Transport};
-use mitogen_transport_local::bootstrap::{random_token, FirstStage};
+use mitogen_transport_local::bootstrap::{exec_sh, random_token, FirstStage};
 use mitogen_transport_local::{pipe, socketpair, SELF_EXE};
 use ssh2::{BlockDirections, CheckResult, ErrorCode, KnownHostFileKind, Session};
 use std::io::{self, Read, Write};
@@ -68,9 +68,7 @@ impl Transport for Libssh2Transport {
 
     fn start(&mut self, deadline: Instant) -> Result<Connection, StartError> {
         let o = &self.opts;
-        if o.hostname.is_empty() || o.hostname.starts_with('-') {
-            return Err(StartError::Options(format!("invalid ssh hostname {:?}", o.hostname)));
-        }
+        o.check_hostname()?;
         let host = o.hostname.as_str();
         let port = o.port.unwrap_or(22);
         let tcp = connect_tcp(host, port, o.connect_timeout, deadline)?;
@@ -114,7 +112,7 @@ impl Transport for Libssh2Transport {
             argv0: self.arg0.clone(),
             cache: o.cache,
         };
-        channel.exec(&remote_command(&stage.script())).map_err(|e| timed(e, "starting the first stage"))?;
+        channel.exec(&exec_sh(&stage.script())).map_err(|e| timed(e, "starting the first stage"))?;
         let keepalive = o.keepalive_interval.map(|i| {
             let secs = i.as_secs().clamp(1, u32::MAX as u64) as u32;
             session.set_keepalive(true, secs);

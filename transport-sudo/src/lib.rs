@@ -17,7 +17,7 @@ mod dialogue;
 pub use dialogue::PromptDialogue;
 
 use mitogen_core::{Dialogue, Password, StartError};
-use mitogen_transport_local::bootstrap::FirstStage;
+use mitogen_transport_local::bootstrap::{exec_sh, FirstStage};
 use mitogen_transport_local::command::{CommandMethod, CommandTransport, Wiring};
 use mitogen_transport_local::DataChannel;
 use serde::{Deserialize, Serialize};
@@ -182,15 +182,14 @@ impl Default for SuOptions {
 }
 
 impl SuOptions {
-    /// The su command line for the first-stage `script`. su hands `-c` to the account's
-    /// shell, which may not be POSIX: it only has to `exec /bin/sh` with one quoted argument
-    /// (the script has no single quotes).
+    /// The su command line for the first-stage `script` (su hands `-c` to the account's
+    /// shell: [`exec_sh`]).
     pub fn command(&self, script: &str) -> Command {
         let mut cmd = Command::new(&self.su_path);
         if self.login {
             cmd.arg("-l");
         }
-        cmd.args(&self.extra_args).arg("-c").arg(format!("exec /bin/sh -c '{script}'")).arg(&self.username);
+        cmd.args(&self.extra_args).arg("-c").arg(exec_sh(script)).arg(&self.username);
         cmd
     }
 }
