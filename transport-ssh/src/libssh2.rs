@@ -6,7 +6,7 @@
 //! session then turns non-blocking and becomes a [`Pump`]: a [`Driver`] the broker thread
 //! polls, which moves bytes between the channel and one end of a socketpair whose other end
 //! is an ordinary broker stream. Session and channel are only ever touched on the broker
-//! thread after that. The channel's stderr goes to a pipe that the broker logs, like ssh's
+//! thread after that. The channel's stderr goes to a socketpair that the broker logs, like ssh's
 //! stderr with the OpenSSH backend.
 //!
 //! The user's ssh configuration does not apply (libssh2 does not read it): options are
@@ -17,11 +17,12 @@ use crate::{HostKeyPolicy, SshOptions};
 use mitogen_core::broker::{Driver, Interest, Wants};
 use mitogen_core::transport::{Bootstrap, Connection, LoginError, StartError, Transport};
 use mitogen_transport_local::bootstrap::{exec_sh, random_token, FirstStage};
-use mitogen_transport_local::{pipe, socketpair, SELF_EXE};
+use mitogen_transport_local::{socketpair, SELF_EXE};
 use ssh2::{BlockDirections, CheckResult, ErrorCode, KnownHostFileKind, Session};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 const ERROR_TIMEOUT: i32 = -9;
 /// Bytes buffered per direction before the pump stops reading that side.
 const BUF_CAP: usize = 256 * 1024;
-/// Stderr bytes kept while the log reader is behind; more is dropped.
+/// Stderr bytes kept while the log reader is behind; beyond that they are dropped.
 const DIAG_CAP: usize = 64 * 1024;
 
 /// The ssh transport through libssh2.
@@ -57,8 +58,21 @@ fn ms_left(deadline: Instant) -> u32 {
     deadline.saturating_duration_since(Instant::now()).as_millis().clamp(1, u32::MAX as u128) as u32
 }
 
-fn is_timeout(e: &ssh2::Error) -> bool {
-    e.code() == ErrorCode::Session(ERROR_TIMEOUT)
+/// `Some` typed timeout if `e` is libssh2's session timeout (the connect deadline).
+fn timed_out(e: &ssh2::Error, host: &str, what: &str) -> Option<StartError> {
+    (e.code() == ErrorCode::Session(ERROR_TIMEOUT)).then(|| {
+        login(
+            LoginError::ConnectTimedOut { host: host.into() },
+            format!("libssh2: {what} with {host} timed out"),
+        )
+    })
+}
+
+/// A libssh2 failure while connecting: a typed timeout, else an I/O error naming the step.
+fn failed(e: ssh2::Error, host: &str, what: &str) -> StartError {
+    timed_out(&e, host, what).unwrap_or_else(|| {
+        StartError::Io(io::Error::other(format!("libssh2: {what} with {host} failed: {e}")))
+    })
 }
 
 impl Transport for Libssh2Transport {
@@ -78,17 +92,12 @@ impl Transport for Libssh2Transport {
         session.set_timeout(ms_left(deadline));
         session.set_tcp_stream(tcp);
         session.handshake().map_err(|e| {
-            if is_timeout(&e) {
-                login(
-                    LoginError::ConnectTimedOut { host: host.into() },
-                    format!("libssh2: connection to {host} port {port} timed out during banner exchange"),
-                )
-            } else {
+            timed_out(&e, host, "the banner exchange").unwrap_or_else(|| {
                 login(
                     LoginError::Refused { method: "ssh", line: format!("handshake failed: {}", e.message()) },
                     format!("libssh2: handshake with {host} port {port} failed: {e}"),
                 )
-            }
+            })
         })?;
         check_host_key(&session, o, host, port)?;
         let user = match &o.username {
@@ -97,45 +106,41 @@ impl Transport for Libssh2Transport {
                 .ok_or_else(|| StartError::Options("no username and no local user name".into()))?,
         };
         authenticate(&session, o, &user, host, deadline)?;
-        let timed = |e: ssh2::Error, what: &str| {
-            if is_timeout(&e) {
-                login(LoginError::ConnectTimedOut { host: host.into() }, format!("libssh2: {what} timed out"))
-            } else {
-                StartError::Io(io::Error::other(format!("libssh2: {what} failed: {e}")))
-            }
-        };
         session.set_timeout(ms_left(deadline));
-        let mut channel = session.channel_session().map_err(|e| timed(e, "opening a session channel"))?;
+        let mut channel =
+            session.channel_session().map_err(|e| failed(e, host, "opening a session channel"))?;
         let stage = FirstStage {
             token: random_token(),
             hash: self.image_hash.clone(),
             argv0: self.arg0.clone(),
             cache: o.cache,
         };
-        channel.exec(&exec_sh(&stage.script())).map_err(|e| timed(e, "starting the first stage"))?;
+        channel.exec(&exec_sh(&stage.script())).map_err(|e| failed(e, host, "starting the first stage"))?;
         let keepalive = o.keepalive_interval.map(|i| {
             let secs = i.as_secs().clamp(1, u32::MAX as u64) as u32;
             session.set_keepalive(true, secs);
             (Duration::from_secs(secs.into()), o.keepalive_count.max(1))
         });
         session.set_blocking(false);
+        // The stream and stderr both cross socketpairs: plain sockets for the broker's
+        // readers, `UnixStream`s on the pump's side (non-blocking).
         let (ours, theirs) = socketpair()?;
-        let (diag_r, diag_w) = pipe()?;
-        for fd in [&theirs, &diag_w] {
-            set_nonblocking(fd.as_raw_fd())?;
-        }
+        let (diag_r, diag_w) = socketpair()?;
+        let (local, diag) = (UnixStream::from(theirs), UnixStream::from(diag_w));
+        local.set_nonblocking(true)?;
+        diag.set_nonblocking(true)?;
         let now = Instant::now();
         let pump = Pump {
             name: format!("libssh2 {host}"),
             session,
             channel,
             tcp_fd,
-            local: theirs,
-            diag: diag_w,
+            local,
+            diag,
             diag_open: true,
-            to_ssh: Buf::default(),
-            from_ssh: Buf::default(),
-            stderr: Buf::default(),
+            to_ssh: Buf::new(BUF_CAP),
+            from_ssh: Buf::new(BUF_CAP),
+            stderr: Buf::new(DIAG_CAP),
             local_eof: false,
             remote_eof: false,
             keepalive,
@@ -275,18 +280,7 @@ fn authenticate(
     deadline: Instant,
 ) -> Result<(), StartError> {
     session.set_timeout(ms_left(deadline));
-    let timed_out = |e: &ssh2::Error| {
-        is_timeout(e).then(|| {
-            login(
-                LoginError::ConnectTimedOut { host: host.into() },
-                format!("libssh2: login to {host} timed out"),
-            )
-        })
-    };
-    let methods = match session.auth_methods(user) {
-        Ok(m) => m.to_string(),
-        Err(e) => return Err(timed_out(&e).unwrap_or_else(|| StartError::Io(e.into()))),
-    };
+    let methods = session.auth_methods(user).map_err(|e| failed(e, host, "the login"))?.to_string();
     if session.authenticated() {
         return Ok(());
     }
@@ -316,7 +310,7 @@ fn authenticate(
                 Ok(()) if session.authenticated() => return Ok(()),
                 Ok(()) => {}
                 Err(e) => {
-                    if let Some(t) = timed_out(&e) {
+                    if let Some(t) = timed_out(&e, host, "the login") {
                         return Err(t);
                     }
                     log::debug!("ssh {host}: key {} not accepted: {}", key.display(), e.message());
@@ -335,8 +329,9 @@ fn authenticate(
             };
             match r {
                 Ok(()) if session.authenticated() => Ok(()),
-                Err(e) if timed_out(&e).is_some() => Err(timed_out(&e).expect("checked")),
-                _ => Err(login(LoginError::PasswordIncorrect { method: "ssh" }, denied)),
+                Err(e) => Err(timed_out(&e, host, "the login")
+                    .unwrap_or_else(|| login(LoginError::PasswordIncorrect { method: "ssh" }, denied))),
+                Ok(()) => Err(login(LoginError::PasswordIncorrect { method: "ssh" }, denied)),
             }
         }
         None if offers("password") || offers("keyboard-interactive") => {
@@ -396,88 +391,52 @@ fn passwd_field(field: fn(&libc::passwd) -> *mut libc::c_char) -> Option<String>
     (!p.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on a valid descriptor we own.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A byte queue: data is appended at the end and consumed from `off`.
-#[derive(Default)]
+/// A byte queue of at most the capacity given to [`Buf::new`]: `data[start..end]` is
+/// queued. The storage is allocated (and zeroed) once, so a read that finds nothing costs
+/// nothing.
 struct Buf {
-    data: Vec<u8>,
-    off: usize,
+    data: Box<[u8]>,
+    start: usize,
+    end: usize,
 }
 
 impl Buf {
-    fn len(&self) -> usize {
-        self.data.len() - self.off
+    fn new(cap: usize) -> Buf {
+        Buf { data: vec![0; cap].into_boxed_slice(), start: 0, end: 0 }
     }
     fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.start == self.end
+    }
+    fn is_full(&self) -> bool {
+        self.end - self.start == self.data.len()
+    }
+    fn clear(&mut self) {
+        (self.start, self.end) = (0, 0);
     }
     fn bytes(&self) -> &[u8] {
-        &self.data[self.off..]
+        &self.data[self.start..self.end]
     }
     fn consume(&mut self, n: usize) {
-        self.off += n;
-        if self.off == self.data.len() {
-            self.data.clear();
-            self.off = 0;
+        self.start += n;
+        if self.start == self.end {
+            self.clear();
         }
     }
-    /// Reads once from `r` into the free space below `cap`. `Ok(None)` means it would block.
-    fn fill(&mut self, cap: usize, r: &mut impl Read) -> io::Result<Option<usize>> {
-        if self.off > 0 && self.off >= self.data.len() / 2 {
-            self.data.drain(..self.off);
-            self.off = 0;
+    /// Reads once from `r` into the free space (call only when not full). `Ok(None)`: it
+    /// would block.
+    fn fill(&mut self, r: &mut impl Read) -> io::Result<Option<usize>> {
+        if self.end == self.data.len() {
+            self.data.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
         }
-        let start = self.data.len();
-        let room = cap.saturating_sub(self.len()).clamp(1, 64 * 1024);
-        self.data.resize(start + room, 0);
-        let r = r.read(&mut self.data[start..]);
-        self.data.truncate(start + *r.as_ref().unwrap_or(&0));
-        match r {
-            Ok(n) => Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+        match r.read(&mut self.data[self.end..]) {
+            Ok(n) => {
+                self.end += n;
+                Ok(Some(n))
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => Ok(None),
             Err(e) => Err(e),
         }
-    }
-}
-
-/// A raw descriptor as `Read`/`Write` (the pump's socketpair end and stderr pipe).
-struct Fd(RawFd);
-
-impl Read for Fd {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: buf is valid for writes of buf.len() bytes.
-        let n = unsafe { libc::read(self.0, buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
-}
-
-impl Write for Fd {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: buf is valid for reads of buf.len() bytes. MSG_NOSIGNAL is not available
-        // for pipes; SIGPIPE is ignored by the runtime (Rust's std does so at start).
-        let n = unsafe { libc::write(self.0, buf.as_ptr().cast(), buf.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -519,10 +478,10 @@ struct Pump {
     /// The session's TCP socket (owned by `session`).
     tcp_fd: RawFd,
     /// Our end of the socketpair; the broker stream has the other.
-    local: OwnedFd,
-    /// The stderr pipe's write end.
-    diag: OwnedFd,
-    /// False once the pipe's reader is gone (stderr is then dropped).
+    local: UnixStream,
+    /// Our end of the stderr socketpair.
+    diag: UnixStream,
+    /// False once its reader is gone (stderr is then dropped).
     diag_open: bool,
     to_ssh: Buf,
     from_ssh: Buf,
@@ -542,39 +501,33 @@ impl Pump {
     fn pump(&mut self) -> io::Result<()> {
         loop {
             let mut moved = false;
-            if !self.local_eof && self.to_ssh.len() < BUF_CAP {
-                match self.to_ssh.fill(BUF_CAP, &mut Fd(self.local.as_raw_fd()))? {
+            if !self.local_eof && !self.to_ssh.is_full() {
+                match self.to_ssh.fill(&mut self.local)? {
                     Some(0) => self.local_eof = true,
                     Some(_) => moved = true,
                     None => {}
                 }
             }
             moved |= drain(&mut self.to_ssh, &mut self.channel)?;
-            if !self.remote_eof && self.from_ssh.len() < BUF_CAP {
-                match self.from_ssh.fill(BUF_CAP, &mut self.channel)? {
+            if !self.remote_eof && !self.from_ssh.is_full() {
+                match self.from_ssh.fill(&mut self.channel)? {
                     Some(0) if self.channel.eof() => self.remote_eof = true,
                     Some(n) => moved |= n > 0,
                     None => {}
                 }
             }
-            match self.stderr.fill(DIAG_CAP, &mut self.channel.stderr())? {
-                Some(n) if n > 0 => moved = true,
-                _ if self.stderr.len() >= DIAG_CAP => {
-                    // The log reader is behind: drop what no one reads rather than stall.
-                    let mut sink = [0u8; 8192];
-                    moved |= self.channel.stderr().read(&mut sink).unwrap_or(0) > 0;
-                }
-                _ => {}
+            // stderr is always read (unread, it would stall the channel): what the log
+            // reader is too slow for, or gone, is dropped.
+            if self.stderr.is_full() || !self.diag_open {
+                self.stderr.clear();
             }
-            moved |= drain(&mut self.from_ssh, &mut Fd(self.local.as_raw_fd()))?;
+            moved |= matches!(self.stderr.fill(&mut self.channel.stderr())?, Some(n) if n > 0);
+            moved |= drain(&mut self.from_ssh, &mut self.local)?;
             if self.diag_open {
-                match drain(&mut self.stderr, &mut Fd(self.diag.as_raw_fd())) {
+                match drain(&mut self.stderr, &mut self.diag) {
                     Ok(m) => moved |= m,
                     Err(_) => self.diag_open = false,
                 }
-            }
-            if !self.diag_open {
-                self.stderr = Buf::default();
             }
             if !moved {
                 return Ok(());
@@ -636,9 +589,9 @@ impl Driver for Pump {
         let inbound = matches!(dirs, BlockDirections::Inbound | BlockDirections::Both);
         let outbound = matches!(dirs, BlockDirections::Outbound | BlockDirections::Both);
         let interest = vec![
-            Interest { readable: self.from_ssh.len() < BUF_CAP || inbound, writable: outbound },
+            Interest { readable: !self.from_ssh.is_full() || inbound, writable: outbound },
             Interest {
-                readable: !self.local_eof && self.to_ssh.len() < BUF_CAP,
+                readable: !self.local_eof && !self.to_ssh.is_full(),
                 writable: !self.from_ssh.is_empty(),
             },
             Interest { readable: false, writable: self.diag_open && !self.stderr.is_empty() },

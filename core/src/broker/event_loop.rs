@@ -3,7 +3,7 @@
 use super::rx::StreamRx;
 use super::stream::StreamTx;
 use super::sys;
-use super::{resolve, BrokerHandle, Command, Deferred, Driver, LineSink, Resolved, Wants};
+use super::{resolve, BrokerHandle, Command, Deferred, Driver, Interest, LineSink, Resolved, Wants};
 use crate::ids;
 use crate::message::{Kind, Message};
 use crate::router::StreamId;
@@ -11,7 +11,7 @@ use polling::{Event, Events, PollMode};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,6 +73,10 @@ struct Reaping {
 
 struct Driven {
     driver: Box<dyn Driver>,
+    /// Its descriptors (fixed for its life, open while it is registered).
+    fds: Vec<RawFd>,
+    /// What the poller waits for on each, so only changes cost a syscall.
+    interest: Vec<Interest>,
     deadline: Option<Instant>,
 }
 
@@ -231,8 +235,9 @@ impl Loop {
                 return;
             }
         }
-        drop(fds);
-        self.drivers.insert(d, Driven { driver, deadline: None });
+        let fds: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        let interest = vec![Interest::default(); fds.len()];
+        self.drivers.insert(d, Driven { driver, fds, interest, deadline: None });
         self.poll_driver(d);
     }
 
@@ -242,11 +247,17 @@ impl Loop {
         match dr.driver.poll(Instant::now()) {
             Some(Wants { interest, deadline }) => {
                 dr.deadline = deadline;
-                for (i, (fd, want)) in dr.driver.fds().iter().zip(interest).enumerate() {
+                for (i, (&fd, want)) in dr.fds.iter().zip(&interest).enumerate() {
+                    if dr.interest[i] == *want {
+                        continue;
+                    }
                     let mut ev = Event::none(driver_key(d, i));
                     ev.readable = want.readable;
                     ev.writable = want.writable;
+                    // SAFETY: the driver keeps its descriptors open while registered.
+                    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
                     let _ = self.h.shared.poller.modify_with_mode(fd, ev, PollMode::Level);
+                    dr.interest[i] = *want;
                 }
             }
             None => self.end_driver(d),
@@ -255,8 +266,9 @@ impl Loop {
 
     fn end_driver(&mut self, d: usize) {
         if let Some(dr) = self.drivers.remove(&d) {
-            for fd in dr.driver.fds() {
-                let _ = self.h.shared.poller.delete(fd);
+            for &fd in &dr.fds {
+                // SAFETY: still open: the driver is dropped only after this.
+                let _ = self.h.shared.poller.delete(unsafe { BorrowedFd::borrow_raw(fd) });
             }
         }
     }
