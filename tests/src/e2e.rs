@@ -1,15 +1,16 @@
 //! The end-to-end test hosts, as provisioned by `cargo xtask e2e` (or `cargo xtask test`):
-//! the file named by `MITOGEN_E2E` lists them (`name=address`, `name.container=...`,
-//! `key=`, `known_hosts=`, `image=`, `network=`).
+//! the file named by `MITOGEN_E2E` lists them (`engine=docker|netns`, `ctl=` the xtask
+//! binary that acts on them, `name=address`, `name.container=...` on Docker, `key=`,
+//! `known_hosts=`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// The test hosts.
 #[derive(Debug, Clone)]
 pub struct E2e {
+    file: PathBuf,
     values: HashMap<String, String>,
 }
 
@@ -33,7 +34,7 @@ impl E2e {
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        E2e { values }
+        E2e { file: path.into(), values }
     }
 
     fn value(&self, key: &str) -> &str {
@@ -45,8 +46,10 @@ impl E2e {
         self.value(name).to_string()
     }
 
-    /// The container of host `name`.
+    /// The container of host `name` (Docker hosts only: the container tests need an
+    /// engine).
     pub fn container(&self, name: &str) -> String {
+        assert_eq!(self.value("engine"), "docker", "this test needs the e2e hosts on Docker");
         self.value(&format!("{name}.container")).to_string()
     }
 
@@ -60,65 +63,70 @@ impl E2e {
         self.value("known_hosts").into()
     }
 
-    /// Runs `sh -c script` in container `c` as root; returns stdout.
-    pub fn exec(&self, c: &str, script: &str) -> String {
-        let out = Command::new("docker").args(["exec", c, "sh", "-c", script]).output().expect("docker exec");
+    /// Runs `xtask host ARGS` (the e2e hosts' control, either engine); returns stdout,
+    /// whatever the exit status when `check` is false.
+    fn ctl(&self, args: &[&str], check: bool) -> String {
+        let out = Command::new(self.value("ctl"))
+            .arg("host")
+            .args(args)
+            .env("MITOGEN_E2E", &self.file)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running the e2e host control (xtask host)");
+        assert!(!check || out.status.success(), "xtask host {args:?}: {}", out.status);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Starts a private host from the test image (for tests that kill, pause or cut it
-    /// off); removed on drop.
+    /// Runs `sh -c script` as root on host `name`; returns stdout, whatever the script's
+    /// exit status.
+    pub fn exec(&self, name: &str, script: &str) -> String {
+        self.ctl(&["exec", name, script], false)
+    }
+
+    /// Starts a private host like `plain` (for tests that kill, pause or cut it off);
+    /// removed on drop.
     pub fn private_host(&self, tag: &str) -> PrivateHost {
-        let name = format!("mitogen-e2e-{tag}-{}", std::process::id());
-        let _ = Command::new("docker").args(["rm", "-f", &name]).stderr(Stdio::null()).output();
-        let pubkey = std::fs::read_to_string(self.key().with_extension("pub")).expect("public key");
-        let st = Command::new("docker")
-            .args(["run", "-d", "--name", &name, "--hostname", &name, "--network", self.value("network")])
-            .args(["-e", &format!("E2E_PUBKEY={}", pubkey.trim()), "-e", "E2E_ROLE=plain"])
-            .args(["-v", &format!("{}:/etc/mitogen-e2e-key:ro", self.key().display())])
-            .arg(self.value("image"))
-            .stdout(Stdio::null())
-            .status()
-            .expect("docker run");
-        assert!(st.success(), "docker run {name}: {st}");
-        let out = Command::new("docker")
-            .args(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &name])
-            .output()
-            .expect("docker inspect");
-        let ip = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let until = Instant::now() + Duration::from_secs(30);
-        loop {
-            let keys = Command::new("ssh-keyscan").args(["-T", "2", &ip]).stderr(Stdio::null()).output();
-            if keys.is_ok_and(|k| !k.stdout.is_empty()) {
-                break;
-            }
-            assert!(Instant::now() < until, "sshd on {name} did not come up");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        PrivateHost { name, ip }
+        let name = format!("{tag}-{}", std::process::id());
+        let ip = self.ctl(&["start", &name], true).trim().to_string();
+        PrivateHost { name, ip, e2e: self.clone() }
     }
 }
 
 /// A host started by one test; removed when dropped.
 #[derive(Debug)]
 pub struct PrivateHost {
-    /// Container name.
+    /// Its name for `E2e::exec`.
     pub name: String,
     /// Address.
     pub ip: String,
+    e2e: E2e,
 }
 
 impl PrivateHost {
-    /// `docker <verb> <this container> [args]`.
-    pub fn docker(&self, verb: &str, extra: &[&str]) {
-        let st = Command::new("docker").arg(verb).args(extra).arg(&self.name).status().expect("docker");
-        assert!(st.success(), "docker {verb} {}: {st}", self.name);
+    /// Its container (Docker hosts only).
+    pub fn container(&self) -> String {
+        assert_eq!(self.e2e.value("engine"), "docker", "this test needs the e2e hosts on Docker");
+        format!("mitogen-e2e-{}", self.name)
+    }
+
+    /// Kills every process on the host at once.
+    pub fn kill(&self) {
+        self.e2e.ctl(&["kill", &self.name], true);
+    }
+
+    /// Freezes the host: its kernel still accepts TCP connections, nothing answers.
+    pub fn pause(&self) {
+        self.e2e.ctl(&["pause", &self.name], true);
+    }
+
+    /// Cuts the host off its network.
+    pub fn cut(&self) {
+        self.e2e.ctl(&["cut", &self.name], true);
     }
 }
 
 impl Drop for PrivateHost {
     fn drop(&mut self) {
-        let _ = Command::new("docker").args(["unpause", &self.name]).stderr(Stdio::null()).output();
-        let _ = Command::new("docker").args(["rm", "-f", &self.name]).stdout(Stdio::null()).output();
+        self.e2e.ctl(&["rm", &self.name], false);
     }
 }

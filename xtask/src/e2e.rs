@@ -1,14 +1,20 @@
 //! `cargo xtask e2e`: real sshd hosts for the end-to-end tests.
 //!
-//! Hosts are Docker containers on a private bridge network, from an image built here from
-//! Debian packages (no registry can be pulled from): `debootstrap` into a folder, a recipe
-//! run in a chroot (accounts, sshd settings, login shells), then `docker import`. The image
-//! is cached under a versioned tag; bump [`IMAGE`] when [`RECIPE`] changes. Each container
-//! makes its own host keys when it starts; the client key lives in `target/e2e/`.
+//! The hosts come from a root built here from Debian packages (no registry can be pulled
+//! from): `debootstrap` into `target/e2e/rootfs-<version>`, then a recipe run in a chroot
+//! (accounts, sshd settings, login shells). Both are cached; bump [`IMAGE`] when
+//! [`RECIPE`] changes. Each host makes its own host keys when it starts; the client key
+//! lives in `target/e2e/`. Two engines run them:
+//!
+//! - Docker (when an engine answers): the root is `docker import`ed as [`IMAGE`], and the
+//!   hosts are containers on the private network [`NETWORK`];
+//! - network namespaces (no engine, or `MITOGEN_E2E_HOSTS=netns`): see [`crate::netns`].
 //!
 //! The tests find the hosts through the file named by `MITOGEN_E2E` (see
-//! `mitogen_tests::e2e`).
+//! `mitogen_tests::e2e`), and act on them (exec, kill, pause, cut off, private hosts)
+//! through `xtask host ...` ([`host_command`]), so that they do not care which engine runs.
 
+use crate::netns;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,22 +25,33 @@ pub const IMAGE: &str = "mitogen-e2e:5";
 /// The private network.
 pub const NETWORK: &str = "mitogen-e2e";
 
-/// The hosts: (name, extra `docker run` arguments, role for the init script).
-const HOSTS: &[(&str, &[&str], &str)] = &[
-    // Everything; also a container host: the engine's socket and client are mounted, so
-    // `docker exec` works from here (through sudo) into the other test containers.
-    (
-        "plain",
-        &["-v", "/var/run/docker.sock:/var/run/docker.sock", "-v", "{docker}:/usr/local/bin/docker:ro"],
-        "plain",
-    ),
+/// How one host is set up.
+struct Host {
+    name: &'static str,
+    spec: netns::Spec,
+    /// A container host: the engine's socket and client are mounted, so `docker exec`
+    /// works from there (through sudo) into the other test containers. Docker only.
+    container_host: bool,
+}
+
+const fn host(name: &'static str, role: &'static str, noexec: bool, nofile: Option<u32>) -> Host {
+    Host { name, spec: netns::Spec { role, noexec, nofile }, container_host: false }
+}
+
+/// The shared hosts. Tests that kill, pause or cut off a host start a private one.
+const HOSTS: &[Host] = &[
+    // Everything; also a container host.
+    Host { container_host: true, ..host("plain", "plain", false, None) },
     // No perl, no python: the first stage falls back to a private tmpfs file.
-    ("noperl", &[], "noperl"),
+    host("noperl", "noperl", false, None),
     // /tmp and /dev/shm are noexec, and no perl or python: the fallback must skip them.
-    ("noexec", &["--tmpfs", "/tmp:rw,noexec,nosuid", "--tmpfs", "/dev/shm:rw,noexec,nosuid"], "noperl"),
+    host("noexec", "noperl", true, None),
     // A low open-files limit for everything on the host.
-    ("lowfd", &["--ulimit", "nofile=64:64"], "plain"),
+    host("lowfd", "plain", false, Some(64)),
 ];
+
+/// A private host (`xtask host start`).
+const PRIVATE: netns::Spec = netns::Spec { role: "plain", noexec: false, nofile: None };
 
 /// Accounts (all `mitogen-test-*`), made in the image by the recipe:
 /// - `key`: key only; `pw`: password only (`mitogen-pw-Pw1`);
@@ -125,35 +142,96 @@ fn docker() -> Command {
     Command::new("docker")
 }
 
-/// Builds the image unless it is cached.
-fn ensure_image(work: &Path) -> Result<()> {
-    if quiet(docker().args(["image", "inspect", IMAGE])) {
-        return Ok(());
+/// Which engine runs the hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// Docker containers.
+    Docker,
+    /// sshd in network namespaces.
+    Netns,
+}
+
+impl Engine {
+    /// `MITOGEN_E2E_HOSTS` (`docker` or `netns`) when set; otherwise Docker when an engine
+    /// answers, else network namespaces.
+    fn choose() -> Result<Engine> {
+        match std::env::var("MITOGEN_E2E_HOSTS").as_deref() {
+            Ok("docker") => Ok(Engine::Docker),
+            Ok("netns") => Ok(Engine::Netns),
+            Ok(other) => bail!("MITOGEN_E2E_HOSTS={other}: expected docker or netns"),
+            Err(_) if quiet(docker().arg("info")) => Ok(Engine::Docker),
+            Err(_) => {
+                eprintln!("no Docker engine answers: the e2e hosts run in network namespaces");
+                Ok(Engine::Netns)
+            }
+        }
     }
-    eprintln!("building the e2e image {IMAGE} (debootstrap, once)");
-    let rootfs = work.join("rootfs");
+
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Docker => "docker",
+            Engine::Netns => "netns",
+        }
+    }
+}
+
+/// The recipe's root, built once (debootstrap, or unpacked from the image when only that
+/// is cached) and kept.
+fn ensure_rootfs(work: &Path) -> Result<PathBuf> {
+    let version = IMAGE.rsplit(':').next().unwrap_or("0");
+    let rootfs = work.join(format!("rootfs-{version}"));
+    let done = rootfs.join(".mitogen-e2e-complete");
+    if done.exists() {
+        return Ok(rootfs);
+    }
     if rootfs.exists() {
         std::fs::remove_dir_all(&rootfs)?;
     }
-    std::fs::create_dir_all(work)?;
+    std::fs::create_dir_all(&rootfs)?;
+    // The image holds the same root: exporting it takes seconds, debootstrap minutes.
+    if quiet(docker().args(["image", "inspect", IMAGE])) {
+        eprintln!("unpacking the e2e root {} from {IMAGE}", rootfs.display());
+        let c = "mitogen-e2e-export";
+        quiet(docker().args(["rm", "-f", c]));
+        run(docker().args(["create", "--name", c, IMAGE]).stdout(Stdio::null()))?;
+        let export = docker().args(["export", c]).stdout(Stdio::piped()).spawn().context("docker export")?;
+        let unpacked = run(Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-x")
+            .stdin(export.stdout.context("docker export stdout")?));
+        quiet(docker().args(["rm", "-f", c]));
+        unpacked?;
+        std::fs::write(&done, "")?;
+        return Ok(rootfs);
+    }
+    eprintln!("building the e2e root {} (debootstrap, once)", rootfs.display());
     run(Command::new("debootstrap")
         .args(["--variant=minbase", "--include=openssh-server,sudo,python3,procps,perl-base", "bookworm"])
         .arg(&rootfs)
         .arg("http://deb.debian.org/debian"))
     .context("debootstrap (the package debootstrap, root and the Debian mirror are needed)")?;
     run(Command::new("chroot").arg(&rootfs).args(["/bin/sh", "-c", RECIPE]))?;
+    std::fs::write(&done, "")?;
+    Ok(rootfs)
+}
+
+/// Imports the root as [`IMAGE`] unless it is cached.
+fn ensure_image(work: &Path) -> Result<()> {
+    if quiet(docker().args(["image", "inspect", IMAGE])) {
+        return Ok(());
+    }
+    let rootfs = ensure_rootfs(work)?;
     let tar = Command::new("tar")
         .arg("-C")
         .arg(&rootfs)
-        .args(["-c", "."])
+        .args(["-c", "--exclude=./.mitogen-e2e-complete", "."])
         .stdout(Stdio::piped())
         .spawn()
         .context("tar")?;
     run(docker()
         .args(["import", "--change", "CMD [\"/usr/local/sbin/mitogen-e2e-init\"]", "-", IMAGE])
-        .stdin(tar.stdout.context("tar stdout")?))?;
-    std::fs::remove_dir_all(&rootfs)?;
-    Ok(())
+        .stdin(tar.stdout.context("tar stdout")?))
 }
 
 /// The running hosts, as written to `target/e2e/hosts`.
@@ -161,12 +239,24 @@ pub struct Hosts {
     /// The description file for the tests (`MITOGEN_E2E`).
     pub file: PathBuf,
     lines: Vec<String>,
+    /// What runs them.
+    pub engine: Engine,
 }
 
 impl Hosts {
-    /// How to reach the hosts by hand.
+    /// How to reach the hosts by hand, and how to remove them.
     pub fn describe(&self) -> String {
-        self.lines.join("\n")
+        let remove = match self.engine {
+            Engine::Docker => format!(
+                "docker rm -f $(docker ps -aq --filter name=mitogen-e2e-); docker network rm {NETWORK}"
+            ),
+            Engine::Netns => "MITOGEN_E2E=target/e2e/hosts cargo xtask host teardown".to_string(),
+        };
+        format!(
+            "{}\nreach them with: ssh -i target/e2e/id_ed25519 -o UserKnownHostsFile=target/e2e/known_hosts \
+             mitogen-test-key@<address>\nremove them with: {remove}",
+            self.lines.join("\n")
+        )
     }
 }
 
@@ -174,11 +264,12 @@ fn container(name: &str) -> String {
     format!("mitogen-e2e-{name}")
 }
 
-/// Removes the test containers (also those a test started and could not remove) and the
-/// network: only ours, by name.
-pub fn teardown() {
-    for (name, _, _) in HOSTS {
-        quiet(docker().args(["rm", "-f", &container(name)]));
+/// Removes every test host of both engines: containers (also those a test started and
+/// could not remove) and the network, namespaces and their files; only ours, by name.
+pub fn teardown(root: &Path) {
+    netns::teardown(&root.join("target/e2e"));
+    if !quiet(docker().arg("info")) {
+        return;
     }
     if let Ok(out) = docker().args(["ps", "-aq", "--filter", "name=mitogen-e2e-"]).output() {
         for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
@@ -188,15 +279,8 @@ pub fn teardown() {
     quiet(docker().args(["network", "rm", NETWORK]));
 }
 
-/// Builds (or reuses) the image, starts every host, waits for their sshd, and writes the
-/// description file.
-pub fn provision(root: &Path) -> Result<Hosts> {
-    if !quiet(docker().args(["info"])) {
-        bail!("no Docker engine answers (`docker info` failed): the e2e hosts need one");
-    }
-    let work = root.join("target/e2e");
-    std::fs::create_dir_all(&work)?;
-    ensure_image(&work)?;
+/// The client key pair, made once.
+fn client_key(work: &Path) -> Result<(PathBuf, String)> {
     let key = work.join("id_ed25519");
     if !key.exists() {
         run(Command::new("ssh-keygen")
@@ -204,8 +288,12 @@ pub fn provision(root: &Path) -> Result<Hosts> {
             .arg(&key))?;
     }
     let pubkey = std::fs::read_to_string(key.with_extension("pub"))?.trim().to_string();
-    // The docker client, mounted into the container host.
-    let docker_client = std::env::var("PATH")
+    Ok((key, pubkey))
+}
+
+/// The docker client's real path, to mount into the container host.
+fn docker_client() -> Result<String> {
+    Ok(std::env::var("PATH")
         .unwrap_or_default()
         .split(':')
         .map(|d| Path::new(d).join("docker"))
@@ -213,43 +301,121 @@ pub fn provision(root: &Path) -> Result<Hosts> {
         .context("the docker client is not on PATH")?
         .canonicalize()?
         .display()
-        .to_string();
-    teardown();
-    run(docker().args(["network", "create", NETWORK]).stdout(Stdio::null()))?;
-    let mut lines = vec![format!("key={}", key.display())];
-    let mut known = String::new();
-    for (name, extra, role) in HOSTS {
-        let c = container(name);
-        run(docker()
-            .args(["run", "-d", "--name", &c, "--hostname", &c, "--network", NETWORK])
-            .args(["-e", &format!("E2E_PUBKEY={pubkey}"), "-e", &format!("E2E_ROLE={role}")])
-            .args(["-v", &format!("{}:/etc/mitogen-e2e-key:ro", key.display())])
-            .args(extra.iter().map(|a| a.replace("{docker}", &docker_client)))
-            .arg(IMAGE)
-            .stdout(Stdio::null()))?;
-        let out = docker()
-            .args(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &c])
-            .output()?;
-        let ip = String::from_utf8(out.stdout)?.trim().to_string();
-        if ip.is_empty() {
-            bail!("container {c} has no address");
+        .to_string())
+}
+
+/// Starts one container host; returns its address.
+fn start_container(
+    name: &str,
+    spec: netns::Spec,
+    container_host: bool,
+    pubkey: &str,
+    key: &Path,
+) -> Result<String> {
+    let c = container(name);
+    let mut cmd = docker();
+    cmd.args(["run", "-d", "--name", &c, "--hostname", &c, "--network", NETWORK])
+        .args(["-e", &format!("E2E_PUBKEY={pubkey}"), "-e", &format!("E2E_ROLE={}", spec.role)])
+        .args(["-v", &format!("{}:/etc/mitogen-e2e-key:ro", key.display())]);
+    if spec.noexec {
+        cmd.args(["--tmpfs", "/tmp:rw,noexec,nosuid", "--tmpfs", "/dev/shm:rw,noexec,nosuid"]);
+    }
+    if let Some(n) = spec.nofile {
+        cmd.args(["--ulimit", &format!("nofile={n}:{n}")]);
+    }
+    if container_host {
+        cmd.args(["-v", "/var/run/docker.sock:/var/run/docker.sock"])
+            .args(["-v", &format!("{}:/usr/local/bin/docker:ro", docker_client()?)]);
+    }
+    run(cmd.arg(IMAGE).stdout(Stdio::null()))?;
+    let out = docker()
+        .args(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &c])
+        .output()?;
+    let ip = String::from_utf8(out.stdout)?.trim().to_string();
+    if ip.is_empty() {
+        bail!("container {c} has no address");
+    }
+    Ok(ip)
+}
+
+/// Starts host `name` on `engine` and waits for its sshd; returns its address and its
+/// keys in known_hosts form.
+fn start(
+    engine: Engine,
+    work: &Path,
+    name: &str,
+    spec: netns::Spec,
+    container_host: bool,
+) -> Result<(String, String)> {
+    let (key, pubkey) = client_key(work)?;
+    let ip = match engine {
+        Engine::Docker => {
+            ensure_image(work)?;
+            start_container(name, spec, container_host, &pubkey, &key)?
         }
-        known.push_str(&scan(&c, &ip)?);
-        lines.push(format!("{name}={ip}"));
-        lines.push(format!("{name}.container={c}"));
+        Engine::Netns => netns::start(work, &ensure_rootfs(work)?, name, spec, &pubkey, &key)?,
+    };
+    let keys = scan(&ip, || match engine {
+        Engine::Docker => docker()
+            .args(["logs", &container(name)])
+            .output()
+            .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+            .unwrap_or_default(),
+        Engine::Netns => netns::log(work, name),
+    })
+    .with_context(|| format!("e2e host {name}"));
+    match keys {
+        Ok(keys) => Ok((ip, keys)),
+        Err(e) => {
+            match engine {
+                Engine::Docker => drop(quiet(docker().args(["rm", "-f", &container(name)]))),
+                Engine::Netns => netns::remove(work, name),
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Builds (or reuses) the root, starts every host, waits for their sshd, and writes the
+/// description file.
+pub fn provision(root: &Path) -> Result<Hosts> {
+    provision_on(root, Engine::choose()?)
+}
+
+/// [`provision`] on a given engine.
+pub fn provision_on(root: &Path, engine: Engine) -> Result<Hosts> {
+    let work = root.join("target/e2e");
+    std::fs::create_dir_all(&work)?;
+    teardown(root);
+    if engine == Engine::Docker {
+        run(docker().args(["network", "create", NETWORK]).stdout(Stdio::null()))?;
+    }
+    let (key, _) = client_key(&work)?;
+    let mut lines = vec![
+        format!("engine={}", engine.name()),
+        format!("ctl={}", std::env::current_exe()?.display()),
+        format!("key={}", key.display()),
+    ];
+    let mut known = String::new();
+    for h in HOSTS {
+        let (ip, keys) = start(engine, &work, h.name, h.spec, h.container_host)?;
+        known.push_str(&keys);
+        lines.push(format!("{}={ip}", h.name));
+        if engine == Engine::Docker {
+            lines.push(format!("{}.container={}", h.name, container(h.name)));
+        }
     }
     let kh = work.join("known_hosts");
     std::fs::write(&kh, known)?;
     lines.push(format!("known_hosts={}", kh.display()));
-    lines.push(format!("image={IMAGE}"));
-    lines.push(format!("network={NETWORK}"));
     let file = work.join("hosts");
     std::fs::write(&file, lines.join("\n") + "\n")?;
-    Ok(Hosts { file, lines })
+    Ok(Hosts { file, lines, engine })
 }
 
-/// Waits for the host's sshd and returns its keys in known_hosts form.
-fn scan(container: &str, ip: &str) -> Result<String> {
+/// Waits for the sshd at `ip` and returns its keys in known_hosts form; `logs` explains a
+/// failure.
+fn scan(ip: &str, logs: impl FnOnce() -> String) -> Result<String> {
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let out = Command::new("ssh-keyscan").args(["-T", "2", ip]).stderr(Stdio::null()).output()?;
@@ -258,13 +424,58 @@ fn scan(container: &str, ip: &str) -> Result<String> {
             return Ok(keys);
         }
         if Instant::now() > until {
-            let logs = docker().args(["logs", container]).output()?;
-            bail!(
-                "sshd on {container} ({ip}) did not come up: {}{}",
-                String::from_utf8_lossy(&logs.stdout),
-                String::from_utf8_lossy(&logs.stderr)
-            );
+            bail!("sshd at {ip} did not come up: {}", logs());
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `xtask host <verb> <name> [script]`: what the tests do to the hosts, on either engine
+/// (read from the file named by `MITOGEN_E2E`). Names are the short ones (`plain`, or a
+/// private host's).
+///
+/// - `start NAME`: a private host like `plain`; prints its address;
+/// - `exec NAME SCRIPT`: `sh -c SCRIPT` as root on the host (its stdout passes through;
+///   the exit status is the script's);
+/// - `kill NAME`, `pause NAME`, `unpause NAME`, `cut NAME` (off its network), `rm NAME`;
+/// - `teardown`: every host.
+pub fn host_command(root: &Path, args: &[String]) -> Result<()> {
+    let work = root.join("target/e2e");
+    let file = std::env::var_os("MITOGEN_E2E").map(PathBuf::from).unwrap_or_else(|| work.join("hosts"));
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("the e2e hosts file {}", file.display()))?;
+    let engine = match text.lines().find_map(|l| l.strip_prefix("engine=")) {
+        Some("netns") => Engine::Netns,
+        _ => Engine::Docker,
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let docker_verb =
+        |verb: &[&str], name: &str| run(docker().args(verb).arg(container(name)).stdout(Stdio::null()));
+    match (engine, args.as_slice()) {
+        (_, ["teardown"]) => teardown(root),
+        (_, ["start", name]) => println!("{}", start(engine, &work, name, PRIVATE, false)?.0),
+        (Engine::Docker, ["exec", name, script]) => {
+            let st = docker().args(["exec", &container(name), "sh", "-c", script]).status()?;
+            std::process::exit(st.code().unwrap_or(1));
+        }
+        (Engine::Netns, ["exec", name, script]) => {
+            std::process::exit(netns::exec(&work, name, script)?.code().unwrap_or(1));
+        }
+        (Engine::Docker, ["kill", name]) => docker_verb(&["kill"], name)?,
+        (Engine::Docker, ["pause", name]) => docker_verb(&["pause"], name)?,
+        (Engine::Docker, ["unpause", name]) => docker_verb(&["unpause"], name)?,
+        (Engine::Docker, ["cut", name]) => docker_verb(&["network", "disconnect", NETWORK], name)?,
+        (Engine::Docker, ["rm", name]) => {
+            // A paused container cannot be removed everywhere.
+            quiet(docker().arg("unpause").arg(container(name)));
+            docker_verb(&["rm", "-f"], name)?
+        }
+        (Engine::Netns, ["kill", name]) => netns::kill(&work, name)?,
+        (Engine::Netns, ["pause", name]) => netns::pause(&work, name)?,
+        (Engine::Netns, ["unpause", name]) => netns::unpause(&work, name)?,
+        (Engine::Netns, ["cut", name]) => netns::cut(&work, name)?,
+        (Engine::Netns, ["rm", name]) => netns::remove(&work, name),
+        _ => bail!("usage: xtask host <start|exec|kill|pause|unpause|cut|rm> NAME [SCRIPT] | teardown"),
+    }
+    Ok(())
 }

@@ -9,11 +9,16 @@
 //! - `test`: every test (doc tests, then everything else under nextest).
 //! - `dist`: a static (`+crt-static`) stock agent that runs on any Linux of this
 //!   architecture, in `target/dist/`; checked to have no ELF interpreter.
+//! - `e2e [--keep]`: provision the e2e hosts (Docker, or network namespaces without an
+//!   engine or with `MITOGEN_E2E_HOSTS=netns`), run the e2e tests, remove the hosts.
+//! - `host <verb> ...`: act on the e2e hosts (exec, kill, pause, cut off...); the tests use
+//!   it, see `e2e::host_command`.
 //! - `ci`: fmt check, clippy, invariants, docs, then `test`.
 
 #![allow(clippy::disallowed_methods)]
 
 mod e2e;
+mod netns;
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -46,7 +51,8 @@ fn main() -> Result<()> {
         Some("test") => test(),
         Some("dist") => dist(),
         Some("e2e") => e2e_only(&args[1..]),
-        _ => bail!("usage: cargo xtask <test | e2e [--keep] | dist | bench [--quick] [--reps N] [--json FILE] [--systems LIST] | check-invariants | ci>"),
+        Some("host") => e2e::host_command(&root(), &args[1..]),
+        _ => bail!("usage: cargo xtask <test | e2e [--keep] | host VERB ... | dist | bench [--quick] [--reps N] [--json FILE] [--systems LIST] | check-invariants | ci>"),
     }
 }
 
@@ -60,7 +66,8 @@ fn ci() -> Result<()> {
 
 /// Every test: doc tests, then unit, property, simulation, integration and end-to-end
 /// tests (nextest last, so its summary closes the output). The e2e hosts are provisioned
-/// first and torn down afterwards, whatever the outcome.
+/// first and torn down afterwards, whatever the outcome. On Docker, the e2e tests then run
+/// a second time on network-namespace hosts.
 fn test() -> Result<()> {
     // Integration tests run the stock agent of mitogen-child, another package's binary.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
@@ -73,8 +80,27 @@ fn test() -> Result<()> {
             .env("MITOGEN_DIST_AGENT", &dist)
             .env("MITOGEN_E2E", &hosts.file))
     });
-    e2e::teardown();
-    result
+    e2e::teardown(&root());
+    result?;
+    if hosts.engine == e2e::Engine::Docker {
+        // The fallback for machines without an engine must keep working too: the e2e tests
+        // again on hosts in network namespaces (all but the container ones, which need an
+        // engine). The root is the one the image was made from, already built.
+        let hosts = e2e::provision_on(&root(), e2e::Engine::Netns)?;
+        let result = run(cargo()
+            .args([
+                "nextest",
+                "run",
+                "--workspace",
+                "--no-fail-fast",
+                "-E",
+                "binary(e2e) & !test(/^containers::/)",
+            ])
+            .env("MITOGEN_E2E", &hosts.file));
+        e2e::teardown(&root());
+        result?;
+    }
+    Ok(())
 }
 
 /// Only the end-to-end tests; `--keep` leaves the hosts up.
@@ -90,14 +116,9 @@ fn e2e_only(args: &[String]) -> Result<()> {
         .args(["nextest", "run", "--workspace", "--no-fail-fast", "-E", "binary(e2e)"])
         .env("MITOGEN_E2E", &hosts.file));
     if keep {
-        eprintln!(
-            "hosts kept ({}):\n{}\nreach them with: ssh -i target/e2e/id_ed25519 -o UserKnownHostsFile=target/e2e/known_hosts mitogen-test-key@<address>\nremove them with: docker rm -f $(docker ps -aq --filter name=mitogen-e2e-); docker network rm {}",
-            hosts.file.display(),
-            hosts.describe(),
-            e2e::NETWORK
-        );
+        eprintln!("hosts kept ({}):\n{}", hosts.file.display(), hosts.describe());
     } else {
-        e2e::teardown();
+        e2e::teardown(&root());
     }
     result
 }
@@ -429,7 +450,7 @@ fn bench(args: &[String]) -> Result<()> {
     };
     let outcome = run_reps(reps, &workloads, &systems, (&bin, &libssh2_bin), &peers, with_sudo, &ssh_env);
     if with_ssh {
-        e2e::teardown();
+        e2e::teardown(&root());
     }
     let (results, loads) = outcome?;
     if let Some(path) = json {

@@ -34,11 +34,11 @@ per_backend! {
         let r = Router::new().unwrap();
         let mut ctx = r.ssh(ssh(b, &e, "plain", "key")).unwrap();
         let first = ctx.clone();
-        let mut pids = vec![(e.container("plain"), ctx.call(mitogen::builtins::getpid, ()).unwrap())];
+        let mut pids = vec![("plain", ctx.call(mitogen::builtins::getpid, ()).unwrap())];
         for i in 1..10 {
             let host = if i % 2 == 1 { "noperl" } else { "plain" };
             ctx = r.ssh(hop(b, &e, host, "key").via(&ctx)).unwrap();
-            pids.push((e.container(host), ctx.call(mitogen::builtins::getpid, ()).unwrap()));
+            pids.push((host, ctx.call(mitogen::builtins::getpid, ()).unwrap()));
         }
         assert_eq!(ctx.name().matches("ssh.").count(), 10, "{}", ctx.name());
         let data = mitogen::Bytes(block(1, 10, 1 << 20));
@@ -46,11 +46,11 @@ per_backend! {
         // Shutting the first hop down takes the whole chain down on every host.
         first.shutdown(Duration::from_secs(20)).unwrap();
         std::thread::sleep(Duration::from_secs(1));
-        for (container, pid) in pids {
-            let alive = e.exec(&container, &format!("kill -0 {pid} 2>/dev/null && cat /proc/{pid}/cmdline"));
+        for (host, pid) in pids {
+            let alive = e.exec(host, &format!("kill -0 {pid} 2>/dev/null && cat /proc/{pid}/cmdline"));
             assert!(
                 alive.is_empty() || !alive.starts_with("mitogen:"),
-                "{pid} on {container} still runs: {alive}"
+                "{pid} on {host} still runs: {alive}"
             );
         }
     }

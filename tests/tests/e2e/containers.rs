@@ -39,10 +39,10 @@ fn container_killed_mid_call_fails_the_pending_call() {
     let e = E2e::get();
     let h = e.private_host("dkill");
     let r = Router::new().unwrap();
-    let c = r.container(Container::docker(&h.name).program(agent())).unwrap();
+    let c = r.container(Container::docker(h.container()).program(agent())).unwrap();
     let mut pending = c.call_async(hang, ()).unwrap();
     let t = std::time::Instant::now();
-    h.docker("kill", &[]);
+    h.kill();
     let err = pending.get(Some(std::time::Duration::from_secs(30))).unwrap_err();
     assert_eq!(err.dead_reason(), Some(mitogen::DeadReason::Disconnected), "{err:?}");
     assert!(t.elapsed() < std::time::Duration::from_secs(10), "{:?}", t.elapsed());

@@ -48,7 +48,7 @@ fn pending_call_fails_when(b: SshBackend, tag: &str, fault: impl FnOnce(&Private
     assert_eq!(err.dead_reason(), Some(DeadReason::NoRoute), "{err:?}");
     if let Some(mid) = mid {
         assert_eq!(mid.call(add, (2, 2)).unwrap(), 4, "the intermediary survives");
-        let ps = e.exec(&e.container("plain"), "ps -eo args");
+        let ps = e.exec("plain", "ps -eo args");
         let left: Vec<&str> = ps.lines().filter(|l| l.starts_with("ssh ") && l.contains(&h.ip)).collect();
         assert!(left.is_empty(), "left running on plain: {left:?}");
     }
@@ -67,14 +67,13 @@ per_backend! {
     }
 
     fn host_killed_mid_call_through_an_intermediary(b: SshBackend) {
-        pending_call_fails_when(b, "kill", |h| h.docker("kill", &[]), true);
+        pending_call_fails_when(b, "kill", |h| h.kill(), true);
     }
     fn host_paused_mid_call(b: SshBackend) {
-        pending_call_fails_when(b, "pause", |h| h.docker("pause", &[]), false);
+        pending_call_fails_when(b, "pause", |h| h.pause(), false);
     }
     fn host_cut_off_from_its_network_mid_call(b: SshBackend) {
-        let network = "mitogen-e2e";
-        pending_call_fails_when(b, "cut", |h| h.docker("network", &["disconnect", network]), false);
+        pending_call_fails_when(b, "cut", |h| h.cut(), false);
     }
     fn sigkill_master_leaves_no_agent_on_any_host_after_a_second(b: SshBackend) {
         let e = E2e::get();
@@ -94,7 +93,7 @@ per_backend! {
         master.wait().unwrap();
         std::thread::sleep(Duration::from_secs(1).saturating_sub(killed.elapsed()));
         for (host, pid) in [("plain", pids[0]), ("noperl", pids[1])] {
-            let alive = e.exec(&e.container(host), &format!("cat /proc/{pid}/cmdline 2>/dev/null"));
+            let alive = e.exec(host, &format!("cat /proc/{pid}/cmdline 2>/dev/null"));
             assert!(!alive.starts_with("mitogen:"), "agent {pid} on {host} runs 1 s after the master died");
         }
     }
@@ -102,7 +101,7 @@ per_backend! {
         let e = E2e::get();
         let h = e.private_host("hung");
         // Its kernel still accepts TCP connections, but sshd never answers.
-        h.docker("pause", &[]);
+        h.pause();
         let r = Router::new().unwrap();
         let started = Instant::now();
         let err = r.ssh(to(b, &e, &h.ip).connect_timeout(Duration::from_secs(2))).unwrap_err();

@@ -1,5 +1,6 @@
-//! End-to-end tests against real sshd hosts (Docker containers provisioned by `cargo xtask
-//! e2e` / `cargo xtask test`; see `mitogen_tests::e2e`). One binary; the modules:
+//! End-to-end tests against real sshd hosts (Docker containers, or network namespaces
+//! without an engine, provisioned by `cargo xtask e2e` / `cargo xtask test`; see
+//! `mitogen_tests::e2e`). One binary; the modules:
 //!
 //! - `ssh`: logins (key, password, refusals, host keys), each host's properties
 //! - `chains`: `via` chains mixing ssh and sudo, ten hops, errors on an intermediary

@@ -72,10 +72,10 @@ per_backend! {
         let pid = c.call(mitogen::builtins::getpid, ()).unwrap();
         c.shutdown(Duration::from_secs(10)).unwrap();
         let left =
-            e.exec(&e.container("plain"), "ls -A /home/mitogen-test-key; ls /home/mitogen-test-key/.cache 2>&1");
+            e.exec("plain", "ls -A /home/mitogen-test-key; ls /home/mitogen-test-key/.cache 2>&1");
         assert!(!left.contains(".cache\n") || left.contains("No such file"), "{left}");
         let until = Instant::now() + Duration::from_secs(5);
-        while !e.exec(&e.container("plain"), &format!("kill -0 {pid} 2>/dev/null && echo alive")).is_empty() {
+        while !e.exec("plain", &format!("kill -0 {pid} 2>/dev/null && echo alive")).is_empty() {
             assert!(Instant::now() < until, "the agent is still running after shutdown");
             std::thread::sleep(Duration::from_millis(100));
         }
