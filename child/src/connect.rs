@@ -709,7 +709,7 @@ fn image_payload(path: &Path, encoding: stage1::Encoding) -> Result<Arc<Vec<u8>>
     if let Some(v) = cache.lock().unwrap().get(&key) {
         return Ok(v.clone());
     }
-    let raw = std::fs::read(path)?;
+    let raw = crate::build_id::shipped(path)?;
     let bytes = if gz {
         use std::io::Write as _;
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

@@ -208,10 +208,13 @@ pub fn choose(report: &Report) -> Loader {
 }
 
 /// The perl loader. No modules (each costs milliseconds): `fcntl(F_SETFL=4, F_GETFL=3)`
-/// clears `O_NONBLOCK` (04000 on every architecture with a known memfd call).
-const PERL: &str = "fcntl(STDIN,4,fcntl(STDIN,3,0)&~2048);($n,$e,$s,$a,$c,$p)=@ARGV;while(length$b<$n){sysread(STDIN,$b,$n-length$b,length$b)>0||die\"short image\\n\"}\
-if($c){open W,\">$p.$$\";print W $b;close W;chmod 0700,\"$p.$$\";rename\"$p.$$\",$p}\
-$m=\"mitogen\";$f=syscall($s+0,$m,1);$f>=0||die\"memfd_create: $!\\n\";open F,\">&=$f\";syswrite F,$b;exec{\"/proc/self/fd/$f\"}$a";
+/// clears `O_NONBLOCK` (04000 on every architecture with a known memfd call). The image
+/// goes to the memfd (and the cache file) 64 KiB at a time through one reused buffer:
+/// growing one scalar to the image's size cost perl about twice as long.
+const PERL: &str = "fcntl(STDIN,4,fcntl(STDIN,3,0)&~2048);($n,$e,$s,$a,$c,$p)=@ARGV;\
+$m=\"mitogen\";$f=syscall($s+0,$m,1);$f>=0||die\"memfd_create: $!\\n\";open F,\">&=$f\";$c&&open W,\">$p.$$\";\
+while($n>0){$r=sysread(STDIN,$b,$n<65536?$n:65536);$r>0||die\"short image\\n\";syswrite(F,$b)==$r||die\"memfd: $!\\n\";$c&&print W $b;$n-=$r}\
+if($c){close W;chmod 0700,\"$p.$$\";rename\"$p.$$\",$p}exec{\"/proc/self/fd/$f\"}$a";
 
 const PYTHON: &str =
     "import os,sys,zlib\\nos.set_blocking(0,True);n,e,s,a,c,p=sys.argv[1:];n=int(n);b=bytearray()\\n\

@@ -415,7 +415,8 @@ fn sudo_lifecycle(cached: bool) -> anyhow::Result<()> {
 }
 
 /// What the first stage costs on the wire: the command line, and the image sent to a fresh
-/// target (perl loader: raw) and to one with a cached image.
+/// target (perl loader: raw, cut after its last loaded byte) and to one with a cached
+/// image.
 fn sudo_bootstrap() -> anyhow::Result<()> {
     use mitogen_transport_local::bootstrap::{answer, FirstStage, Loader};
     let stage = FirstStage {
@@ -424,7 +425,7 @@ fn sudo_bootstrap() -> anyhow::Result<()> {
         argv0: format!("mitogen:{SUDO_USER}@localhost:{}", std::process::id()),
         cache: true,
     };
-    let image = std::fs::metadata("/proc/self/exe")?.len() as usize;
+    let image = mitogen_child::build_id::shipped(std::path::Path::new("/proc/self/exe"))?.len();
     let fresh = answer(Loader::Perl, image, "x86_64", true).len() + image;
     let cached = answer(Loader::Cached, image, "x86_64", true).len();
     report("sudo-bootstrap", "command-line", stage.script().len() as f64, "bytes");
