@@ -53,6 +53,13 @@ impl E2e {
         self.value(&format!("{name}.container")).to_string()
     }
 
+    /// The podman container (made where podman is installed; CI installs it).
+    pub fn podman(&self) -> String {
+        self.values.get("podman").cloned().unwrap_or_else(|| {
+            panic!("no podman container: podman is not installed (Debian: podman); see the e2e provisioning output")
+        })
+    }
+
     /// The client's private key (also installed on every host for hops between them).
     pub fn key(&self) -> PathBuf {
         self.value("key").into()

@@ -10,6 +10,9 @@
 //!   hosts are containers on the private network [`NETWORK`];
 //! - network namespaces (no engine, or `MITOGEN_E2E_HOSTS=netns`): see [`crate::netns`].
 //!
+//! Where podman is installed, one podman container from the same root serves the podman
+//! test, on either engine.
+//!
 //! The tests find the hosts through the file named by `MITOGEN_E2E` (see
 //! `mitogen_tests::e2e`), and act on them (exec, kill, pause, cut off, private hosts)
 //! through `xtask host ...` ([`host_command`]), so that they do not care which engine runs.
@@ -22,6 +25,8 @@ use std::time::{Duration, Instant};
 
 /// The image tag; the number changes with the recipe.
 pub const IMAGE: &str = "mitogen-e2e:5";
+/// The podman image: the same root, imported into podman's own store.
+pub const PODMAN_IMAGE: &str = "localhost/mitogen-e2e:5";
 /// The private network.
 pub const NETWORK: &str = "mitogen-e2e";
 
@@ -268,6 +273,7 @@ fn container(name: &str) -> String {
 /// could not remove) and the network, namespaces and their files; only ours, by name.
 pub fn teardown(root: &Path) {
     netns::teardown(&root.join("target/e2e"));
+    quiet(podman().args(["rm", "-f", "-t", "0", &container("podman")]));
     if !quiet(docker().arg("info")) {
         return;
     }
@@ -338,6 +344,42 @@ fn start_container(
     Ok(ip)
 }
 
+fn podman() -> Command {
+    Command::new("podman")
+}
+
+/// Starts a podman container from the same root (no sshd: only `podman exec` reaches it);
+/// returns its name. The image is imported once and cached as [`PODMAN_IMAGE`].
+fn start_podman(work: &Path) -> Result<String> {
+    if !quiet(podman().arg("--version")) {
+        bail!("podman is not installed (Debian: podman)");
+    }
+    if !quiet(podman().args(["image", "exists", PODMAN_IMAGE])) {
+        let rootfs = ensure_rootfs(work)?;
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .args(["-c", "--exclude=./.mitogen-e2e-complete", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("tar")?;
+        run(podman()
+            .args(["import", "-", PODMAN_IMAGE])
+            .stdin(tar.stdout.context("tar stdout")?)
+            .stdout(Stdio::null()))?;
+    }
+    let c = container("podman");
+    quiet(podman().args(["rm", "-f", "-t", "0", &c]));
+    // Limits low enough to set without CAP_SYS_RESOURCE (some VMs lack it), which podman's
+    // defaults are not.
+    run(podman()
+        .args(["run", "-d", "--name", &c, "--network", "none"])
+        .args(["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"])
+        .args([PODMAN_IMAGE, "sleep", "infinity"])
+        .stdout(Stdio::null()))?;
+    Ok(c)
+}
+
 /// Starts host `name` on `engine` and waits for its sshd; returns its address and its
 /// keys in known_hosts form.
 fn start(
@@ -404,6 +446,11 @@ pub fn provision_on(root: &Path, engine: Engine) -> Result<Hosts> {
         if engine == Engine::Docker {
             lines.push(format!("{}.container={}", h.name, container(h.name)));
         }
+    }
+    match start_podman(&work) {
+        Ok(c) => lines.push(format!("podman={c}")),
+        // The podman test fails and says why; every other test can still run.
+        Err(e) => eprintln!("warning: no podman container for the e2e tests: {e:#}"),
     }
     let kh = work.join("known_hosts");
     std::fs::write(&kh, known)?;

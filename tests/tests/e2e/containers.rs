@@ -23,6 +23,40 @@ fn docker_exec_into_containers_as_an_account() {
 }
 
 #[test]
+fn podman_exec_into_a_container_as_root_and_as_an_account() {
+    let e = E2e::get();
+    let name = e.podman();
+    let r = Router::new().unwrap();
+    let c = r.container(Container::podman(&name).program(agent())).unwrap();
+    assert_eq!(c.name(), format!("podman.{name}"));
+    let (exe, _) = c.call(whoami, ()).unwrap();
+    assert!(exe.starts_with("/memfd:"), "{exe}");
+    assert_eq!(c.call(uids, ()).unwrap().0, 0);
+    let c = r.container(Container::podman(&name).username("mitogen-test-key").program(agent())).unwrap();
+    let out = c.call(mitogen::builtins::run_command, (vec!["id".into(), "-un".into()],)).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "mitogen-test-key");
+    c.shutdown(std::time::Duration::from_secs(10)).unwrap();
+    // The account's agent is gone (bounded wait: its exit is reaped by podman), the root
+    // one still runs.
+    let agents = || {
+        let out = std::process::Command::new("podman")
+            .args(["exec", &name, "ps", "-eo", "user:20,args"])
+            .output()
+            .expect("podman exec ps");
+        let ps = String::from_utf8_lossy(&out.stdout).into_owned();
+        ps.lines()
+            .filter(|l| l.split_whitespace().nth(1).is_some_and(|a| a.starts_with("mitogen:")))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while agents() != ["root"] && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(agents(), ["root"]);
+}
+
+#[test]
 fn a_missing_container_is_a_typed_error() {
     let r = Router::new().unwrap();
     let err = r.container(Container::docker("mitogen-e2e-does-not-exist").program(agent())).unwrap_err();
