@@ -152,11 +152,15 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// Name for the new context instead of `<method>.<pid>`.
     pub name: Option<String>,
+    /// `(interval, count)`: probe the child after each `interval` of silence and drop it
+    /// after `interval x (count + 1)` of silence (`BrokerHandle::heartbeat`). `None`: only
+    /// the transport notices a lost child (end of file, ssh keepalives).
+    pub heartbeat: Option<(Duration, u32)>,
 }
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        ConnectOptions { connect_timeout: Duration::from_secs(30), name: None }
+        ConnectOptions { connect_timeout: Duration::from_secs(30), name: None, heartbeat: None }
     }
 }
 
@@ -341,6 +345,9 @@ pub(crate) fn connect(
         log::info!(target: "mitogen::stderr", "[{name}] {l}");
     }
     broker.add_stream(conn, id, false, &name)?;
+    if let Some((interval, count)) = opts.heartbeat {
+        broker.heartbeat(id, interval, count)?;
+    }
     Ok(Context::new(broker.clone(), id, name))
 }
 

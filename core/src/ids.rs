@@ -28,6 +28,10 @@ pub const SHUTDOWN: Handle = 106;
 pub const DETACHING: Handle = 109;
 /// Reserved for services.
 pub const CALL_SERVICE: Handle = 110;
+/// Liveness probe between neighbours: payload `[0]` asks, `[1]` answers. The router answers
+/// probes itself, so a context whose broker thread runs answers even while its user
+/// threads are busy; see `BrokerHandle::heartbeat`.
+pub const HEARTBEAT: Handle = 111;
 /// First message on a new stream, from parent to child: the child's configuration.
 pub const BOOTSTRAP: Handle = 120;
 /// The child's answer to [`BOOTSTRAP`]: build id and pid.

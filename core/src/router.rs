@@ -348,6 +348,17 @@ impl<S: Clone> Router<S> {
             ids::ADD_ROUTE | ids::DEL_ROUTE if !msg.is_dead() => {
                 return self.route_control(msg, from, out);
             }
+            ids::HEARTBEAT => {
+                // A probe gets an answer; an answer needs nothing more (arriving was the
+                // point); anything else is dropped.
+                if msg.data == [0] && !msg.is_dead() {
+                    let mut answer = Message::new(msg.src, ids::HEARTBEAT, Kind::Raw, vec![1]);
+                    answer.src = self.cfg.id;
+                    answer.auth = self.cfg.id;
+                    self.route(answer, None, out);
+                }
+                return;
+            }
             _ => {}
         }
         let Some(entry) = self.handles.get(&msg.handle) else {

@@ -200,6 +200,16 @@ macro_rules! common_builder {
                 self
             }
 
+            /// Probes the new context after each `interval` in which nothing came from it, and
+            /// drops it (pending calls fail as disconnected) after `interval x (count + 1)`
+            /// of silence: catches a peer that hangs without closing its stream. `None`
+            /// turns it off. Off by default, except for containers (15 s x 3, like ssh's
+            /// keepalives, which containers lack).
+            pub fn heartbeat(mut self, every: Option<Duration>, count: u32) -> $ty {
+                self.common.heartbeat = every.map(|i| (i, count));
+                self
+            }
+
             #[doc = concat!("Names the context instead of `", $($default_name),+, "`.")]
             pub fn name(mut self, name: impl Into<String>) -> $ty {
                 self.common.name = Some(name.into());
@@ -527,6 +537,14 @@ pub struct Container {
 #[cfg(feature = "container")]
 common_builder!(Container, "docker.<container>");
 
+/// A container exec has no keepalive of its own: a paused container would hang calls.
+#[cfg(feature = "container")]
+fn container_common() -> ConnectOptions {
+    let mut common = ConnectOptions::default();
+    common.heartbeat = Some((Duration::from_secs(15), 3));
+    common
+}
+
 #[cfg(feature = "container")]
 impl Container {
     /// `docker exec` into `container` (a name or id).
@@ -535,7 +553,7 @@ impl Container {
             mitogen_transport_container::Runtime::Docker,
             container,
         );
-        Container { opts, ..Default::default() }
+        Container { opts, common: container_common(), via: None }
     }
 
     /// `podman exec` into `container` (a name or id).
@@ -544,7 +562,7 @@ impl Container {
             mitogen_transport_container::Runtime::Podman,
             container,
         );
-        Container { opts, ..Default::default() }
+        Container { opts, common: container_common(), via: None }
     }
 
     /// The account inside the container (`-u`).

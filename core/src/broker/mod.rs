@@ -493,6 +493,43 @@ impl BrokerHandle {
         Ok(())
     }
 
+    /// Watches the stream to child `remote`: each `interval` in which nothing arrived from
+    /// it, a [`ids::HEARTBEAT`] probe goes out (its router answers); when nothing at all has
+    /// arrived for `interval x (count + 1)`, the stream is closed as disconnected, so calls
+    /// pending on that subtree fail and its routes go. This catches a peer that hangs
+    /// without closing anything (a frozen container, a stopped process), which no read or
+    /// write error would reveal. Ends by itself with the stream.
+    pub fn heartbeat(&self, remote: ContextId, interval: Duration, count: u32) -> Result<(), BrokerError> {
+        let interval = interval.max(Duration::from_millis(10));
+        self.defer_after(interval, Box::new(move |h| h.heartbeat_tick(remote, interval, count)))
+    }
+
+    fn heartbeat_tick(&self, remote: ContextId, interval: Duration, count: u32) {
+        let watched = {
+            let core = self.shared.core.lock().unwrap();
+            core.router
+                .child_streams()
+                .into_iter()
+                .find(|s| core.router.stream_remote(*s) == Some(remote))
+                .and_then(|s| core.readers.get(&s).map(|rx| (s, rx.clone())))
+        };
+        let Some((stream, rx)) = watched else { return };
+        let silent = rx.silent_for();
+        if silent >= interval * (count + 1) {
+            log::warn!(
+                "{}: nothing from {} for {silent:.1?} (heartbeat {interval:?} x {count}); disconnecting it",
+                self.shared.cfg.name,
+                rx.name
+            );
+            self.command(Command::CloseStream(stream));
+            return;
+        }
+        if silent >= interval {
+            let _ = self.send(Message::new(remote, ids::HEARTBEAT, crate::message::Kind::Raw, vec![0]));
+        }
+        let _ = self.defer_after(interval, Box::new(move |h| h.heartbeat_tick(remote, interval, count)));
+    }
+
     /// Closes the stream leading to child `remote`, as if it had disconnected.
     pub fn disconnect(&self, remote: ContextId) {
         let stream = {

@@ -33,6 +33,8 @@ pub(crate) struct RxState {
     decoder: Decoder,
     /// A user thread is reading this stream; the broker's interest is disabled.
     borrowed: bool,
+    /// When a byte last arrived (or the stream was made): what heartbeats look at.
+    last_rx: Instant,
 }
 
 /// Read side of one stream.
@@ -51,7 +53,11 @@ impl StreamRx {
             key,
             fd,
             name,
-            state: Mutex::new(RxState { decoder: Decoder::new(max), borrowed: false }),
+            state: Mutex::new(RxState {
+                decoder: Decoder::new(max),
+                borrowed: false,
+                last_rx: Instant::now(),
+            }),
         }
     }
 
@@ -62,6 +68,11 @@ impl StreamRx {
         let ev = if st.borrowed { Event::none(self.key) } else { Event::readable(self.key) };
         // SAFETY: deleted in the broker's `lose` before the fd is dropped.
         unsafe { poller.add_with_mode(&self.fd, ev, PollMode::Level) }
+    }
+
+    /// How long nothing has arrived on this stream.
+    pub(crate) fn silent_for(&self) -> std::time::Duration {
+        self.state.lock().unwrap().last_rx.elapsed()
     }
 
     /// True while a large frame is being read (bulk data in flight).
@@ -88,6 +99,7 @@ impl StreamRx {
                 }
                 Ok(n) => {
                     st.decoder.commit(n);
+                    st.last_rx = Instant::now();
                     while let Some(m) = st.decoder.next_message() {
                         match m {
                             Ok(m) => msgs.push(m),

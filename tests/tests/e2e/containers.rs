@@ -69,6 +69,28 @@ fn a_missing_container_is_a_typed_error() {
 }
 
 #[test]
+fn container_paused_mid_call_fails_within_the_heartbeat_bound() {
+    let e = E2e::get();
+    let h = e.private_host("dpause");
+    let r = Router::new().unwrap();
+    let beat = Some(std::time::Duration::from_secs(1));
+    let c = r.container(Container::docker(h.container()).program(agent()).heartbeat(beat, 2)).unwrap();
+    // Idle past the bound while healthy: kept.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(c.call(add, (1, 2)).unwrap(), 3);
+    let mut pending = c.call_async(hang, ()).unwrap();
+    let t = std::time::Instant::now();
+    // `docker exec`'s client and its pipes stay up: only the heartbeat can tell.
+    h.pause();
+    let err = pending.get(Some(std::time::Duration::from_secs(30))).unwrap_err();
+    assert_eq!(err.dead_reason(), Some(mitogen::DeadReason::Disconnected), "{err:?}");
+    // 1 s x (2 + 1) of silence, checked once a second.
+    assert!(t.elapsed() < std::time::Duration::from_secs(6), "{:?}", t.elapsed());
+    assert_eq!(c.call(add, (1, 1)).unwrap_err().dead_reason(), Some(mitogen::DeadReason::NoRoute));
+    assert_eq!(zombies_after(std::time::Duration::from_secs(6)), 0);
+}
+
+#[test]
 fn container_killed_mid_call_fails_the_pending_call() {
     let e = E2e::get();
     let h = e.private_host("dkill");

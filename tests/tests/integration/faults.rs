@@ -33,6 +33,44 @@ fn killed_child_fails_pending_call_and_later_calls_say_no_route() {
 }
 
 #[test]
+fn heartbeat_drops_a_stopped_child_and_spares_a_quiet_healthy_one() {
+    let r = Router::new().unwrap();
+    let beat = |via: Option<&mitogen::Context>| {
+        let l = Local::new().program(agent()).heartbeat(Some(Duration::from_millis(100)), 2);
+        r.local(match via {
+            Some(v) => l.via(v),
+            None => l,
+        })
+        .unwrap()
+    };
+    // Idle far longer than the bound: the probes are answered, nothing is dropped.
+    let healthy = beat(None);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(healthy.call(add, (1, 2)).unwrap(), 3);
+    // Stopped, it closes nothing; the heartbeat notices (the bound is 300 ms) and the
+    // pending call fails. The same through an intermediary, which runs the heartbeat.
+    for via in [None, Some(&healthy)] {
+        let c = beat(via);
+        let pid = c.call(mitogen::builtins::getpid, ()).unwrap();
+        let mut pending = c.call_async(hang, ()).unwrap();
+        let t = Instant::now();
+        // SAFETY: stopping the child we just started.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        let err = pending.get(Some(Duration::from_secs(20))).unwrap_err();
+        assert_eq!(err.dead_reason(), Some(DeadReason::Disconnected), "{err:?}");
+        assert!(t.elapsed() < Duration::from_secs(3), "noticed after {:?}", t.elapsed());
+        assert_eq!(c.call(add, (1, 2)).unwrap_err().dead_reason(), Some(DeadReason::NoRoute));
+        // Its parent's broker ends it (SIGTERM waits while stopped; SIGKILL does not).
+        let end = Instant::now() + Duration::from_secs(10);
+        while proc_stat(pid).is_some() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(proc_stat(pid).is_none(), "child {pid} still there: {:?}", proc_stat(pid));
+    }
+    assert_eq!(healthy.call(add, (2, 2)).unwrap(), 4, "the intermediary survives");
+}
+
+#[test]
 fn sigkill_master_takes_children_and_grandchildren_down() {
     let mut master =
         std::process::Command::new(agent()).arg("tree").stdout(std::process::Stdio::piped()).spawn().unwrap();
