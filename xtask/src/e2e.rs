@@ -226,6 +226,14 @@ fn ensure_image(work: &Path) -> Result<()> {
     if quiet(docker().args(["image", "inspect", IMAGE])) {
         return Ok(());
     }
+    import_root(
+        work,
+        docker().args(["import", "--change", "CMD [\"/usr/local/sbin/mitogen-e2e-init\"]", "-", IMAGE]),
+    )
+}
+
+/// Runs `import` (an engine's `import -`) with the root as a tar stream on its stdin.
+fn import_root(work: &Path, import: &mut Command) -> Result<()> {
     let rootfs = ensure_rootfs(work)?;
     let tar = Command::new("tar")
         .arg("-C")
@@ -234,9 +242,7 @@ fn ensure_image(work: &Path) -> Result<()> {
         .stdout(Stdio::piped())
         .spawn()
         .context("tar")?;
-    run(docker()
-        .args(["import", "--change", "CMD [\"/usr/local/sbin/mitogen-e2e-init\"]", "-", IMAGE])
-        .stdin(tar.stdout.context("tar stdout")?))
+    run(import.stdin(tar.stdout.context("tar stdout")?).stdout(Stdio::null()))
 }
 
 /// The running hosts, as written to `target/e2e/hosts`.
@@ -355,18 +361,7 @@ fn start_podman(work: &Path) -> Result<String> {
         bail!("podman is not installed (Debian: podman)");
     }
     if !quiet(podman().args(["image", "exists", PODMAN_IMAGE])) {
-        let rootfs = ensure_rootfs(work)?;
-        let tar = Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .args(["-c", "--exclude=./.mitogen-e2e-complete", "."])
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("tar")?;
-        run(podman()
-            .args(["import", "-", PODMAN_IMAGE])
-            .stdin(tar.stdout.context("tar stdout")?)
-            .stdout(Stdio::null()))?;
+        import_root(work, podman().args(["import", "-", PODMAN_IMAGE]))?;
     }
     let c = container("podman");
     quiet(podman().args(["rm", "-f", "-t", "0", &c]));
@@ -395,7 +390,11 @@ fn start(
             ensure_image(work)?;
             start_container(name, spec, container_host, &pubkey, &key)?
         }
-        Engine::Netns => netns::start(work, &ensure_rootfs(work)?, name, spec, &pubkey, &key)?,
+        Engine::Netns => {
+            let started = netns::start(work, &ensure_rootfs(work)?, name, spec, &pubkey, &key);
+            // A half-made host (namespace, address, files) is taken down again.
+            started.inspect_err(|_| netns::remove(work, name))?
+        }
     };
     let keys = scan(&ip, || match engine {
         Engine::Docker => docker()
