@@ -376,7 +376,7 @@ fn start_podman(work: &Path) -> Result<String> {
 }
 
 /// Starts host `name` on `engine` and waits for its sshd; returns its address and its
-/// keys in known_hosts form.
+/// keys in known_hosts form. A host that fails half-way is removed again.
 fn start(
     engine: Engine,
     work: &Path,
@@ -384,36 +384,39 @@ fn start(
     spec: netns::Spec,
     container_host: bool,
 ) -> Result<(String, String)> {
-    let (key, pubkey) = client_key(work)?;
-    let ip = match engine {
-        Engine::Docker => {
-            ensure_image(work)?;
-            start_container(name, spec, container_host, &pubkey, &key)?
-        }
-        Engine::Netns => {
-            let started = netns::start(work, &ensure_rootfs(work)?, name, spec, &pubkey, &key);
-            // A half-made host (namespace, address, files) is taken down again.
-            started.inspect_err(|_| netns::remove(work, name))?
-        }
-    };
-    let keys = scan(&ip, || match engine {
-        Engine::Docker => docker()
-            .args(["logs", &container(name)])
-            .output()
-            .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
-            .unwrap_or_default(),
-        Engine::Netns => netns::log(work, name),
-    })
-    .with_context(|| format!("e2e host {name}"));
-    match keys {
-        Ok(keys) => Ok((ip, keys)),
-        Err(e) => {
-            match engine {
-                Engine::Docker => drop(quiet(docker().args(["rm", "-f", &container(name)]))),
-                Engine::Netns => netns::remove(work, name),
+    let started = (|| -> Result<(String, String)> {
+        let (key, pubkey) = client_key(work)?;
+        let ip = match engine {
+            Engine::Docker => {
+                ensure_image(work)?;
+                start_container(name, spec, container_host, &pubkey, &key)?
             }
-            Err(e)
+            Engine::Netns => netns::start(work, &ensure_rootfs(work)?, name, spec, &pubkey, &key)?,
+        };
+        let keys = scan(&ip, || match engine {
+            Engine::Docker => docker()
+                .args(["logs", &container(name)])
+                .output()
+                .map(|o| {
+                    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+                })
+                .unwrap_or_default(),
+            Engine::Netns => netns::log(work, name),
+        })?;
+        Ok((ip, keys))
+    })();
+    started.inspect_err(|_| remove(engine, work, name)).with_context(|| format!("e2e host {name}"))
+}
+
+/// Removes host `name` (paused or not); quiet on what is already gone.
+fn remove(engine: Engine, work: &Path, name: &str) {
+    match engine {
+        Engine::Docker => {
+            // A paused container cannot be removed everywhere.
+            quiet(docker().arg("unpause").arg(container(name)));
+            quiet(docker().args(["rm", "-f", &container(name)]));
         }
+        Engine::Netns => netns::remove(work, name),
     }
 }
 
@@ -511,16 +514,11 @@ pub fn host_command(root: &Path, args: &[String]) -> Result<()> {
         (Engine::Docker, ["pause", name]) => docker_verb(&["pause"], name)?,
         (Engine::Docker, ["unpause", name]) => docker_verb(&["unpause"], name)?,
         (Engine::Docker, ["cut", name]) => docker_verb(&["network", "disconnect", NETWORK], name)?,
-        (Engine::Docker, ["rm", name]) => {
-            // A paused container cannot be removed everywhere.
-            quiet(docker().arg("unpause").arg(container(name)));
-            docker_verb(&["rm", "-f"], name)?
-        }
+        (_, ["rm", name]) => remove(engine, &work, name),
         (Engine::Netns, ["kill", name]) => netns::kill(&work, name)?,
         (Engine::Netns, ["pause", name]) => netns::pause(&work, name)?,
         (Engine::Netns, ["unpause", name]) => netns::unpause(&work, name)?,
         (Engine::Netns, ["cut", name]) => netns::cut(&work, name)?,
-        (Engine::Netns, ["rm", name]) => netns::remove(&work, name),
         _ => bail!("usage: xtask host <start|exec|kill|pause|unpause|cut|rm> NAME [SCRIPT] | teardown"),
     }
     Ok(())

@@ -86,6 +86,7 @@ impl StreamRx {
         let mut st = self.state.lock().unwrap();
         let mut msgs = Vec::new();
         let mut lost = None;
+        let mut got = false;
         for _ in 0..READ_BUDGET {
             let buf = st.decoder.read_buf();
             let want = buf.len();
@@ -99,7 +100,7 @@ impl StreamRx {
                 }
                 Ok(n) => {
                     st.decoder.commit(n);
-                    st.last_rx = Instant::now();
+                    got = true;
                     while let Some(m) = st.decoder.next_message() {
                         match m {
                             Ok(m) => msgs.push(m),
@@ -125,6 +126,10 @@ impl StreamRx {
                     break;
                 }
             }
+        }
+        if got {
+            // Once per wake-up, not per read: heartbeats only need to know it was recent.
+            st.last_rx = Instant::now();
         }
         if !msgs.is_empty() {
             if h.debug() {
