@@ -111,7 +111,10 @@ pub(crate) fn run(registry: Registry) -> Result<(), AgentError> {
     let stream_in = dup_cloexec(0)?;
     let stream_out = dup_cloexec(1)?;
     let boot = read_bootstrap(&stream_in)?;
-    let me = crate::build_id::current()?.to_string();
+    let me = match boot.image_id.clone() {
+        Some(id) => crate::build_id::adopt(id).to_string(),
+        None => crate::build_id::current()?.to_string(),
+    };
     set_thread_name(&boot.name);
     install_panic_hook();
 

@@ -115,14 +115,23 @@ pub fn of_file(path: &Path) -> std::io::Result<String> {
     Ok(format!("{:032x}", h.digest128()))
 }
 
+/// The running executable's build id, once known.
+static CURRENT: OnceLock<String> = OnceLock::new();
+
 /// The build id of the running executable (computed once).
 pub fn current() -> std::io::Result<&'static str> {
-    static ID: OnceLock<String> = OnceLock::new();
-    if let Some(id) = ID.get() {
+    if let Some(id) = CURRENT.get() {
         return Ok(id);
     }
     let id = of_file(Path::new("/proc/self/exe"))?;
-    Ok(ID.get_or_init(|| id))
+    Ok(CURRENT.get_or_init(|| id))
+}
+
+/// Takes `id` as the running executable's build id, for an agent whose image its parent
+/// sent over the stream and hashed: hashing it again here would cost a read of the whole
+/// image on every start.
+pub(crate) fn adopt(id: String) -> &'static str {
+    CURRENT.get_or_init(|| id)
 }
 
 /// The build id of the image at `path`, cached while its size and mtime do not change.

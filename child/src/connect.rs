@@ -33,6 +33,10 @@ pub(crate) struct Bootstrap {
     pub log_level: u8,
     pub debug: bool,
     pub unidirectional: bool,
+    /// The build id of the image sent over this stream, when it was: the agent takes it as
+    /// its own instead of hashing itself again (its bytes are the ones hashed here, and
+    /// the stream delivered them intact, or the agent would not be running to read this).
+    pub image_id: Option<String>,
 }
 
 /// The child's answer to [`Bootstrap`].
@@ -297,8 +301,10 @@ pub(crate) fn connect(
     let mut diag = DiagLines::default();
     set_nonblocking(&pending.conn().read)?;
     set_nonblocking(&pending.conn().write)?;
+    let mut sent_image = false;
     if let StartMode::FirstStage { token, image, cache } = pending.conn().bootstrap.clone() {
-        first_stage(&mut pending, deadline, &mut diag, opts.connect_timeout, &token, &image, cache)?;
+        sent_image =
+            first_stage(&mut pending, deadline, &mut diag, opts.connect_timeout, &token, &image, cache)?;
     }
     let expected = match early {
         Some(id) => id,
@@ -323,6 +329,7 @@ pub(crate) fn connect(
         log_level: inherited.log_level,
         debug: broker.debug(),
         unidirectional: cfg.router.unidirectional,
+        image_id: sent_image.then(|| expected.clone()),
     };
     let mut m = Message::new(
         id,
@@ -647,7 +654,8 @@ fn read_hello(
 /// Most output accepted before the marker line (banners, profile output).
 const MAX_PREAMBLE: usize = 64 * 1024;
 
-/// The first-stage dialogue: find the marker line, check the target, send the image.
+/// The first-stage dialogue: find the marker line, check the target, send the image. True
+/// if the image was sent (not run from the target's cache).
 #[allow(clippy::too_many_arguments)]
 fn first_stage(
     p: &mut Pending,
@@ -657,32 +665,40 @@ fn first_stage(
     token: &str,
     image: &Path,
     cache: bool,
-) -> Result<(), ConnectError> {
+) -> Result<bool, ConnectError> {
     let stage = FirstStage { token: token.to_string(), hash: String::new(), argv0: String::new(), cache };
+    // Read in blocks: the first stage prints nothing after its marker line until it has our
+    // answer, so a read cannot take anything that belongs after the marker.
+    let mut line = Vec::new();
     let mut seen = 0;
-    let report = loop {
-        // One byte at a time: nothing after the marker line may be consumed here.
-        let mut line = Vec::new();
-        loop {
-            let mut b = [0u8; 1];
-            read_some(p, &mut b, deadline, diag, timeout)?;
-            seen += 1;
-            if b[0] == b'\n' || seen > MAX_PREAMBLE {
-                break;
+    let report = 'marker: loop {
+        let mut buf = [0u8; 4096];
+        let n = read_some(p, &mut buf, deadline, diag, timeout)?;
+        seen += n;
+        let mut rest = &buf[..n];
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&rest[..end]);
+            rest = &rest[end + 1..];
+            let text = String::from_utf8_lossy(&std::mem::take(&mut line)).into_owned();
+            if let Some(r) = stage.parse(&text) {
+                if !rest.is_empty() {
+                    p.kill();
+                    return Err(ConnectError::Protocol(format!(
+                        "{} unexpected bytes after the first-stage marker",
+                        rest.len()
+                    )));
+                }
+                break 'marker r;
             }
-            line.push(b[0]);
+            diag.keep(text);
         }
-        let text = String::from_utf8_lossy(&line).into_owned();
-        if let Some(r) = stage.parse(&text) {
-            break r;
-        }
+        line.extend_from_slice(rest);
         if seen > MAX_PREAMBLE {
             p.kill();
             return Err(ConnectError::Protocol(format!(
                 "no first-stage marker in {MAX_PREAMBLE} bytes of output"
             )));
         }
-        diag.keep(text);
     };
     let image_arch = stage1::image_arch();
     if report.os != "Linux" || !stage1::arch_matches(image_arch, &report.arch) {
@@ -700,9 +716,10 @@ fn first_stage(
         image_payload(image, loader.encoding())?
     };
     log::debug!("first stage on {} {}: {loader:?}, {} bytes", report.os, report.arch, payload.len());
-    let line = stage1::answer(loader, payload.len(), &report.arch, cache);
-    write_all(p, line.as_bytes(), deadline, diag, timeout)?;
-    write_all(p, &payload, deadline, diag, timeout)
+    let answer = stage1::answer(loader, payload.len(), &report.arch, cache);
+    write_all(p, answer.as_bytes(), deadline, diag, timeout)?;
+    write_all(p, &payload, deadline, diag, timeout)?;
+    Ok(loader != Loader::Cached)
 }
 
 /// The image as sent for `encoding`, prepared once per image and kept while it is unchanged.

@@ -10,8 +10,10 @@
 //!    mistaken for it.
 //! 2. The master checks the OS and architecture against the image ([`arch_matches`]) and
 //!    refuses a mismatch before anything is sent or run. It answers with one line,
-//!    `<len> <encoding> <memfd syscall> <loader code>` ([`answer`]), which the shell reads
-//!    with `read` (one byte at a time: nothing beyond the line is consumed), then the image.
+//!    `<len> <encoding> <memfd syscall> <code>` ([`answer`]), which the shell reads with
+//!    `read` (one byte at a time: nothing beyond the line is consumed) and runs. For perl
+//!    and python3 the code is a few words that read the loader program, which follows the
+//!    line, in one go. The image comes last.
 //!    A non-blocking stdin makes `read` fail at once: the shell retries ten times a second,
 //!    for at most 30 s (no spinning; a closed stdin ends it after that bound).
 //! 3. The loader reads exactly `len` bytes (never to end of file: the same stream becomes
@@ -207,44 +209,69 @@ pub fn choose(report: &Report) -> Loader {
     }
 }
 
-/// The perl loader. No modules (each costs milliseconds): `fcntl(F_SETFL=4, F_GETFL=3)`
-/// clears `O_NONBLOCK` (04000 on every architecture with a known memfd call). The image
+/// The perl loader, run by [`PERL_BOOT`]. No modules (each costs milliseconds). The image
 /// goes to the memfd (and the cache file) 64 KiB at a time through one reused buffer:
 /// growing one scalar to the image's size cost perl about twice as long.
-const PERL: &str = "fcntl(STDIN,4,fcntl(STDIN,3,0)&~2048);($n,$e,$s,$a,$c,$p)=@ARGV;\
-$m=\"mitogen\";$f=syscall($s+0,$m,1);$f>=0||die\"memfd_create: $!\\n\";open F,\">&=$f\";$c&&open W,\">$p.$$\";\
+const PERL: &str = "($n,$e,$s,$a,$c,$p)=@ARGV;\
+$f=syscall($s+0,$m=\"mitogen\",1);$f>=0||die\"memfd_create: $!\\n\";open F,\">&=$f\";$c&&open W,\">$p.$$\";\
 while($n>0){$r=sysread(STDIN,$b,$n<65536?$n:65536);$r>0||die\"short image\\n\";syswrite(F,$b)==$r||die\"memfd: $!\\n\";$c&&print W $b;$n-=$r}\
 if($c){close W;chmod 0700,\"$p.$$\";rename\"$p.$$\",$p}exec{\"/proc/self/fd/$f\"}$a";
 
-const PYTHON: &str =
-    "import os,sys,zlib\\nos.set_blocking(0,True);n,e,s,a,c,p=sys.argv[1:];n=int(n);b=bytearray()\\n\
-while len(b)<n:\\n r=os.read(0,n-len(b))\\n if not r:sys.exit(\\\"short image\\\")\\n b+=r\\n\
-if e==\\\"gz\\\":b=zlib.decompress(b,31)\\n\
-if c==\\\"1\\\":t=p+\\\".%d\\\"%os.getpid();open(t,\\\"wb\\\").write(b);os.chmod(t,448);os.rename(t,p)\\n\
-f=os.memfd_create(\\\"mitogen\\\",1);v=memoryview(b)\\nwhile v:v=v[os.write(f,v):]\\n\
-os.execv(\\\"/proc/self/fd/%d\\\"%f,[a])";
+/// What the answer line runs for perl: clear `O_NONBLOCK` on stdin (`fcntl(F_SETFL=4,
+/// F_GETFL=3)`; 04000 on every architecture with a known memfd call), read the loader that
+/// follows the line (its length is the first argument) and run it. The shell's `read`
+/// takes one byte per system call, so the loader does not travel in the line.
+const PERL_BOOT: &str = "fcntl(STDIN,4,fcntl(STDIN,3,0)&~2048);$l=shift;\
+$c.=$b while$l>length$c&&sysread STDIN,$b,$l-length$c;$l==length$c||die\"short loader\\n\";eval$c;die$@";
 
-/// The answer line (with its newline) for `loader` and an image of `len` bytes as sent.
+/// The python3 loader (same arguments as perl's).
+const PYTHON: &str = "import os,sys,zlib
+n,e,s,a,c,p=sys.argv[1:];n=int(n);b=bytearray()
+while len(b)<n:
+ r=os.read(0,n-len(b))
+ if not r:sys.exit(\"short image\")
+ b+=r
+if e==\"gz\":b=zlib.decompress(b,31)
+if c==\"1\":t=p+\".%d\"%os.getpid();open(t,\"wb\").write(b);os.chmod(t,448);os.rename(t,p)
+f=os.memfd_create(\"mitogen\",1);v=memoryview(b)
+while v:v=v[os.write(f,v):]
+os.execv(\"/proc/self/fd/%d\"%f,[a])
+";
+
+/// What the answer line runs for python3, as [`PERL_BOOT`].
+const PYTHON_BOOT: &str = "import os,sys;os.set_blocking(0,True);l=int(sys.argv.pop(1));c=b\\\"\\\"\\n\
+while len(c)<l:\\n r=os.read(0,l-len(c))\\n if not r:sys.exit(\\\"short loader\\\")\\n c+=r\\n\
+exec(c)";
+
+/// What the master sends after the marker line, before the image of `len` bytes as sent:
+/// the answer line for `loader`, then the loader program itself where it has one (perl
+/// and python read theirs from the stream: see [`PERL_BOOT`]).
 pub fn answer(loader: Loader, len: usize, arch: &str, cache: bool) -> String {
     let s = memfd_syscall(arch).unwrap_or(0);
     let c = u8::from(cache);
     let e = loader.encoding().word();
-    let code = match loader {
-        Loader::Cached => "exec \"$C/$H\"".to_string(),
-        Loader::Perl => format!("exec perl -e '{PERL}' $N $E $S \"$A\" {c} \"$C/$H\""),
-        Loader::Python => format!("exec python3 -c 'exec(\"{PYTHON}\")' $N $E $S \"$A\" {c} \"$C/$H\""),
-        Loader::TmpFile => format!(
-            "for D in \"$XDG_RUNTIME_DIR\" /dev/shm /tmp \"$HOME\";do [ -d \"$D\" ]||continue;\
-             F=$(mktemp \"$D/.mitogen.XXXXXX\" 2>/dev/null)&&chmod 700 \"$F\"&&cp /bin/true \"$F\"&&\"$F\"&&break;\
-             rm -f \"$F\";F=;done;[ \"$F\" ]||exit {EXIT_NO_EXEC_DIR};\
-             :>\"$F\";i=0;while R=$((N-$(wc -c <\"$F\")));[ $R -gt 0 ];do \
-             dd bs=65536 count=$R iflag=count_bytes 2>/dev/null >>\"$F\"||dd bs=$R count=1 2>/dev/null >>\"$F\";\
-             [ $((N-$(wc -c <\"$F\"))) -lt $R ]||{{ [ $((i+=1)) -gt 300 ]&&exit {EXIT_NO_ANSWER};sleep .1;}};done;\
-             exec 4<\"$F\";rm -f \"$F\";exec /proc/self/fd/4"
+    let args = format!("$N $E $S \"$A\" {c} \"$C/$H\"");
+    let (code, program) = match loader {
+        Loader::Cached => ("exec \"$C/$H\"".to_string(), ""),
+        Loader::Perl => (format!("exec perl -e '{PERL_BOOT}' {} {args}", PERL.len()), PERL),
+        Loader::Python => {
+            (format!("exec python3 -c 'exec(\"{PYTHON_BOOT}\")' {} {args}", PYTHON.len()), PYTHON)
+        }
+        Loader::TmpFile => (
+            format!(
+                "for D in \"$XDG_RUNTIME_DIR\" /dev/shm /tmp \"$HOME\";do [ -d \"$D\" ]||continue;\
+                 F=$(mktemp \"$D/.mitogen.XXXXXX\" 2>/dev/null)&&chmod 700 \"$F\"&&cp /bin/true \"$F\"&&\"$F\"&&break;\
+                 rm -f \"$F\";F=;done;[ \"$F\" ]||exit {EXIT_NO_EXEC_DIR};\
+                 :>\"$F\";i=0;while R=$((N-$(wc -c <\"$F\")));[ $R -gt 0 ];do \
+                 dd bs=65536 count=$R iflag=count_bytes 2>/dev/null >>\"$F\"||dd bs=$R count=1 2>/dev/null >>\"$F\";\
+                 [ $((N-$(wc -c <\"$F\"))) -lt $R ]||{{ [ $((i+=1)) -gt 300 ]&&exit {EXIT_NO_ANSWER};sleep .1;}};done;\
+                 exec 4<\"$F\";rm -f \"$F\";exec /proc/self/fd/4"
+            ),
+            "",
         ),
     };
     let n = if loader == Loader::Cached { 0 } else { len };
-    format!("{n} {e} {s} {code}\n")
+    format!("{n} {e} {s} {code}\n{program}")
 }
 
 #[cfg(test)]
@@ -308,6 +335,22 @@ mod tests {
         assert_eq!(choose(&r(false, &[], "x86_64")), Loader::TmpFile);
         // No known memfd syscall: fall back to the file.
         assert_eq!(choose(&r(false, &["perl"], "mips")), Loader::TmpFile);
+    }
+
+    #[test]
+    fn interpreters_read_their_loader_after_a_short_line() {
+        for (loader, program) in [(Loader::Perl, PERL), (Loader::Python, PYTHON)] {
+            let a = answer(loader, 1234, "x86_64", true);
+            let (line, rest) = a.split_once('\n').unwrap();
+            // The shell reads the line a byte per system call: it stays short.
+            assert!(line.len() < 320, "{loader:?}: {} bytes", line.len());
+            assert!(line.starts_with("1234 "), "{line}");
+            // Single-quoted in the line: no quote of its own.
+            assert_eq!(line.matches('\'').count(), 2, "{line}");
+            assert_eq!(rest, program);
+            assert!(line.contains(&format!(" {} $N $E $S", program.len())), "{line}");
+        }
+        assert!(!answer(Loader::Cached, 1, "x86_64", true).contains("perl"));
     }
 
     #[test]
