@@ -106,9 +106,10 @@ fn set_thread_name(name: &str) {
     }
 }
 
-/// Runs the agent; returns only on setup failure.
-pub(crate) fn run(registry: Registry) -> Result<(), AgentError> {
-    let stream_in = dup_cloexec(0)?;
+/// Runs the agent; returns only on setup failure. `on_stdout`: the stream is stdout alone
+/// (a socket, both ways); stdin is not part of it.
+pub(crate) fn run(registry: Registry, on_stdout: bool) -> Result<(), AgentError> {
+    let stream_in = dup_cloexec(if on_stdout { 1 } else { 0 })?;
     let stream_out = dup_cloexec(1)?;
     let boot = read_bootstrap(&stream_in)?;
     let me = match boot.image_id.clone() {

@@ -14,7 +14,7 @@ use mitogen_transport_local::{LocalOptions, LocalTransport};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -70,18 +70,33 @@ pub enum Method {
 }
 
 impl Method {
-    fn transport(&self, arg0: String, image_hash: String) -> Result<Box<dyn Transport>, StartError> {
+    /// The transport; `image`, for a method that [`hands_over`](Method::hands_over), is
+    /// the image to give the child as its stdin.
+    fn transport(
+        &self,
+        arg0: String,
+        image_hash: String,
+        image: Option<Arc<OwnedFd>>,
+    ) -> Result<Box<dyn Transport>, StartError> {
         Ok(match self {
             Method::Local(o) => Box::new(LocalTransport::new(o.clone(), arg0, image_hash)),
             #[cfg(feature = "sudo")]
             Method::Sudo(o) => {
-                Box::new(mitogen_transport_sudo::SudoTransport::new(o.clone(), arg0, image_hash))
+                let t = mitogen_transport_sudo::SudoTransport::new(o.clone(), arg0, image_hash);
+                Box::new(match image {
+                    Some(fd) => t.hand_over(fd),
+                    None => t,
+                })
             }
             #[cfg(feature = "sudo")]
             Method::Su(o) => Box::new(mitogen_transport_sudo::SuTransport::new(o.clone(), arg0, image_hash)),
             #[cfg(feature = "sudo")]
             Method::Doas(o) => {
-                Box::new(mitogen_transport_sudo::DoasTransport::new(o.clone(), arg0, image_hash))
+                let t = mitogen_transport_sudo::DoasTransport::new(o.clone(), arg0, image_hash);
+                Box::new(match image {
+                    Some(fd) => t.hand_over(fd),
+                    None => t,
+                })
             }
             #[cfg(feature = "ssh")]
             Method::Ssh(o) => return o.transport(arg0, image_hash),
@@ -126,8 +141,33 @@ impl Method {
         }
     }
 
+    /// True if the child runs on this host with our socket as its stdout and takes any
+    /// stdin we give it: the image is then handed over as its stdin (a sealed memfd)
+    /// instead of being sent (sudo and doas over a socketpair).
+    fn hands_over(&self) -> bool {
+        match self {
+            #[cfg(feature = "sudo")]
+            Method::Sudo(o) => !o.pipes,
+            #[cfg(feature = "sudo")]
+            Method::Doas(o) => !o.pipes,
+            _ => false,
+        }
+    }
+
+    /// The image the new agent runs: the named program, or this one.
+    fn image(&self) -> PathBuf {
+        self.program().cloned().unwrap_or_else(|| PathBuf::from(mitogen_transport_local::SELF_EXE))
+    }
+
     /// The build id the new agent must report.
     fn expected_build_id(&self) -> std::io::Result<String> {
+        match self.program() {
+            None => build_id::current().map(str::to_string),
+            Some(p) => build_id::of_image(p),
+        }
+    }
+
+    fn program(&self) -> Option<&PathBuf> {
         let program = match self {
             Method::Local(o) => &o.program,
             #[cfg(feature = "sudo")]
@@ -141,10 +181,7 @@ impl Method {
             #[cfg(feature = "container")]
             Method::Container(o) => &o.program,
         };
-        match program {
-            None => build_id::current().map(str::to_string),
-            Some(p) => build_id::of_image(p),
-        }
+        program.as_ref()
     }
 }
 
@@ -281,12 +318,41 @@ pub(crate) fn connect(
     id: ContextId,
     inherited: &Inherited,
 ) -> Result<Context, ConnectError> {
+    let image = match method.hands_over() {
+        // Where no sealed executable memfd can be made, the image is sent instead.
+        true => image_memfd(&method.image())
+            .inspect_err(|e| log::debug!("the image cannot be handed over ({e}): it is sent"))
+            .ok(),
+        false => None,
+    };
+    match connect_once(broker, method, opts, id, inherited, image)? {
+        Some(context) => Ok(context),
+        None => {
+            log::debug!(
+                "stdin and stdout are relayed (sudo I/O logging?): starting again, sending the image"
+            );
+            connect_once(broker, method, opts, id, inherited, None)?
+                .ok_or_else(|| ConnectError::Protocol("the first stage refused the image twice".into()))
+        }
+    }
+}
+
+/// One start. `None`: the image was handed over, and the first stage found it was not its
+/// stdin (a relay sits in between): start again without.
+fn connect_once(
+    broker: &BrokerHandle,
+    method: &Method,
+    opts: &ConnectOptions,
+    id: ContextId,
+    inherited: &Inherited,
+    image: Option<Arc<OwnedFd>>,
+) -> Result<Option<Context>, ConnectError> {
     let deadline = Instant::now() + opts.connect_timeout;
     // The first stage needs the hash up front (cache key); otherwise it is computed while
     // the child starts up.
     let early = if method.through_first_stage() { Some(method.expected_build_id()?) } else { None };
     let mut conn = method
-        .transport(agent_arg0(), early.clone().unwrap_or_default())
+        .transport(agent_arg0(), early.clone().unwrap_or_default(), image)
         .and_then(|mut t| t.start(deadline))
         .map_err(|e| match e {
             StartError::Login { error, output } => ConnectError::Login { error, output },
@@ -301,10 +367,14 @@ pub(crate) fn connect(
     let mut diag = DiagLines::default();
     set_nonblocking(&pending.conn().read)?;
     set_nonblocking(&pending.conn().write)?;
-    let mut sent_image = false;
-    if let StartMode::FirstStage { token, image, cache } = pending.conn().bootstrap.clone() {
-        sent_image =
-            first_stage(&mut pending, deadline, &mut diag, opts.connect_timeout, &token, &image, cache)?;
+    let mut fresh = false;
+    if let StartMode::FirstStage { token, image, cache, handover } = pending.conn().bootstrap.clone() {
+        let how = Ship { image: &image, cache, handover };
+        match first_stage(&mut pending, deadline, &mut diag, opts.connect_timeout, &token, how)? {
+            Staged::Fresh => fresh = true,
+            Staged::Cached => {}
+            Staged::Relayed => return Ok(None),
+        }
     }
     let expected = match early {
         Some(id) => id,
@@ -329,7 +399,7 @@ pub(crate) fn connect(
         log_level: inherited.log_level,
         debug: broker.debug(),
         unidirectional: cfg.router.unidirectional,
-        image_id: sent_image.then(|| expected.clone()),
+        image_id: fresh.then(|| expected.clone()),
     };
     let mut m = Message::new(
         id,
@@ -355,7 +425,7 @@ pub(crate) fn connect(
     if let Some((interval, count)) = opts.heartbeat {
         broker.heartbeat(id, interval, count)?;
     }
-    Ok(Context::new(broker.clone(), id, name))
+    Ok(Some(Context::new(broker.clone(), id, name)))
 }
 
 /// A started child not yet handed to the broker: killed and reaped if dropped.
@@ -654,19 +724,37 @@ fn read_hello(
 /// Most output accepted before the marker line (banners, profile output).
 const MAX_PREAMBLE: usize = 64 * 1024;
 
-/// The first-stage dialogue: find the marker line, check the target, send the image. True
-/// if the image was sent (not run from the target's cache).
-#[allow(clippy::too_many_arguments)]
+/// What a first stage is given, and how.
+struct Ship<'a> {
+    image: &'a Path,
+    /// The target's image cache may be used.
+    cache: bool,
+    /// The image was handed over as the child's stdin.
+    handover: bool,
+}
+
+/// How a first stage ended.
+enum Staged {
+    /// The agent runs the image this side sent or handed over: its build id is known.
+    Fresh,
+    /// The agent runs the copy in the target's cache.
+    Cached,
+    /// The image was handed over, but the first stage's stdin and stdout are not what this
+    /// side gave it (a relay sits in between): the child was killed.
+    Relayed,
+}
+
+/// The first-stage dialogue: find the marker line, check the target, send the image.
 fn first_stage(
     p: &mut Pending,
     deadline: Instant,
     diag: &mut DiagLines,
     timeout: Duration,
     token: &str,
-    image: &Path,
-    cache: bool,
-) -> Result<bool, ConnectError> {
-    let stage = FirstStage { token: token.to_string(), hash: String::new(), argv0: String::new(), cache };
+    Ship { image, cache, handover }: Ship<'_>,
+) -> Result<Staged, ConnectError> {
+    let stage =
+        FirstStage { token: token.to_string(), hash: String::new(), argv0: String::new(), cache, handover };
     // Read in blocks: the first stage prints nothing after its marker line until it has our
     // answer, so a read cannot take anything that belongs after the marker.
     let mut line = Vec::new();
@@ -709,17 +797,61 @@ fn first_stage(
             image_arch: image_arch.into(),
         });
     }
+    if handover && !report.handover {
+        p.kill();
+        return Ok(Staged::Relayed);
+    }
     let loader = stage1::choose(&report);
-    let payload = if loader == Loader::Cached {
-        Arc::new(Vec::new())
-    } else {
-        image_payload(image, loader.encoding())?
+    let payload = match loader {
+        Loader::Cached | Loader::HandedOver => Arc::new(Vec::new()),
+        _ => image_payload(image, loader.encoding())?,
     };
     log::debug!("first stage on {} {}: {loader:?}, {} bytes", report.os, report.arch, payload.len());
     let answer = stage1::answer(loader, payload.len(), &report.arch, cache);
     write_all(p, answer.as_bytes(), deadline, diag, timeout)?;
     write_all(p, &payload, deadline, diag, timeout)?;
-    Ok(loader != Loader::Cached)
+    Ok(if loader == Loader::Cached { Staged::Cached } else { Staged::Fresh })
+}
+
+/// The image as shipped, in a sealed memfd (no write, shrink, grow or new seal), opened
+/// read-only: made once per image and kept while the file is unchanged. Same-host
+/// children get it as their stdin and all run this one copy; their user can read it,
+/// never change it.
+fn image_memfd(path: &Path) -> std::io::Result<Arc<OwnedFd>> {
+    type Key = (PathBuf, u64, std::time::SystemTime);
+    static CACHE: OnceLock<Mutex<HashMap<Key, Arc<OwnedFd>>>> = OnceLock::new();
+    /// `MFD_EXEC` (Linux 6.3): executable even where `vm.memfd_noexec` makes new memfds
+    /// non-executable. Older kernels refuse the flag.
+    const MFD_EXEC: libc::c_uint = 0x10;
+    let meta = std::fs::metadata(path)?;
+    let key = (path.to_path_buf(), meta.len(), meta.modified()?);
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(fd) = cache.lock().unwrap().get(&key) {
+        return Ok(fd.clone());
+    }
+    let bytes = crate::build_id::shipped(path)?;
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // SAFETY: a NUL-terminated name and plain flags.
+    let mut raw = unsafe { libc::memfd_create(c"mitogen-image".as_ptr(), flags | MFD_EXEC) };
+    if raw < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // SAFETY: as above.
+        raw = unsafe { libc::memfd_create(c"mitogen-image".as_ptr(), flags) };
+    }
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a new descriptor that we now own.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    std::io::Write::write_all(&mut file, &bytes)?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let read_only = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let fd = Arc::new(OwnedFd::from(read_only));
+    cache.lock().unwrap().insert(key, fd.clone());
+    Ok(fd)
 }
 
 /// The image as sent for `encoding`, prepared once per image and kept while it is unchanged.

@@ -36,12 +36,14 @@ pub fn current_broker() -> Option<&'static BrokerHandle> {
 /// If this process was started as an agent, runs the agent with `registry` and never
 /// returns; otherwise returns immediately. Call it first thing in `main`.
 pub fn run_if_child(registry: Registry) {
-    if std::env::var_os(mitogen_transport_local::AGENT_ENV).is_none() {
+    let Some(mode) = std::env::var_os(mitogen_transport_local::AGENT_ENV) else {
         return;
-    }
+    };
     // Single-threaded here: nothing else reads the environment concurrently.
     std::env::remove_var(mitogen_transport_local::AGENT_ENV);
-    let code = match agent::run(registry) {
+    // Handed its image as stdin, the agent has its stream on stdout alone.
+    let on_stdout = mode == mitogen_transport_local::bootstrap::STREAM_ON_STDOUT;
+    let code = match agent::run(registry, on_stdout) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("mitogen agent: {e}");

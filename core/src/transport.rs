@@ -148,6 +148,9 @@ pub enum Bootstrap {
         image: PathBuf,
         /// Whether the first stage may keep the image in the target's cache directory.
         cache: bool,
+        /// The image was handed over as the child's stdin (a sealed memfd, same host); the
+        /// stream is the child's stdout alone.
+        handover: bool,
     },
 }
 

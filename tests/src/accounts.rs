@@ -25,6 +25,8 @@ pub const USER_E: &str = "mitogen-test-e";
 /// Its home is read-only and its login profile prints "Permission denied" and a line
 /// containing "password".
 pub const USER_F: &str = "mitogen-test-f";
+/// sudo logs this account's input and output, so its stdin and stdout are sudo's pipes.
+pub const USER_G: &str = "mitogen-test-g";
 
 /// The rules for doas (OpenDoas has no drop-in directory: this block goes into
 /// /etc/doas.conf between markers).
@@ -40,11 +42,12 @@ const PROFILE_F: &str = "echo 'Permission denied'\necho 'Your password: expires 
 const SUDOERS: &str = "\
 Defaults:mitogen-test-a !lecture, passwd_tries=3
 Defaults:mitogen-test-d !lecture, targetpw, requiretty
+Defaults>mitogen-test-g log_input, log_output
 mitogen-test-a ALL=(mitogen-test-b) ALL
 mitogen-test-a ALL=(mitogen-test-c) NOPASSWD: ALL
 mitogen-test-d ALL=(mitogen-test-b) ALL
 ";
-const VERSION: &str = "2";
+const VERSION: &str = "3";
 
 fn run(cmd: &mut Command) -> Result<(), String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
@@ -98,9 +101,15 @@ fn setup() -> Result<(), String> {
     {
         return Ok(());
     }
-    for (user, pw) in
-        [(USER_A, PW_A), (USER_B, PW_B), (USER_C, PW_B), (USER_D, PW_D), (USER_E, PW_B), (USER_F, PW_B)]
-    {
+    for (user, pw) in [
+        (USER_A, PW_A),
+        (USER_B, PW_B),
+        (USER_C, PW_B),
+        (USER_D, PW_D),
+        (USER_E, PW_B),
+        (USER_F, PW_B),
+        (USER_G, PW_B),
+    ] {
         if !user_exists(user) {
             run(Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", user]))?;
         }

@@ -159,6 +159,17 @@ mitogen::remote_fn! {
     }
 }
 
+mitogen::remote_fn! {
+    /// The seals (`F_GET_SEALS`) of the file the agent runs from.
+    pub fn image_seals() -> i32 {
+        match std::fs::File::open("/proc/self/exe") {
+            // SAFETY: fcntl on a descriptor the File owns.
+            Ok(f) => unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_GET_SEALS) },
+            Err(_) => -1,
+        }
+    }
+}
+
 /// The registry of the test agent.
 pub fn registry() -> mitogen::Registry {
     mitogen::Registry::new()
@@ -177,6 +188,7 @@ pub fn registry() -> mitogen::Registry {
         .register(call_other)
         .register(uids)
         .register(whoami)
+        .register(image_seals)
 }
 
 /// Snapshot of this process's resources, for leak checks.

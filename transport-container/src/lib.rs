@@ -116,6 +116,8 @@ impl CommandMethod for ContainerOptions {
             cache: self.cache,
             pty: false,
             data: DataChannel::SocketPair,
+            // The exec'd process's stdin comes through the runtime.
+            same_host: false,
             description: format!("{} exec {}", self.runtime.name(), self.container),
         })
     }

@@ -23,11 +23,24 @@
 //!    runs, filled by `dd` reads of at most what is left (retried like `read` above when
 //!    stdin is non-blocking and empty: a failed or short `dd` loses nothing). With the opt-in cache, the loader also keeps the image under
 //!    `${XDG_CACHE_HOME:-~/.cache}/mitogen/<hash>`, and the next connection sends no image.
+//!
+//! **Handed over** ([`Loader::HandedOver`]): a method that runs its command on this host and
+//! passes it our stdin (sudo, doas) gets the image *as* stdin: a sealed, read-only memfd the
+//! master makes once per image. The stream is then the child's stdout alone (a socket works
+//! both ways): the first stage reads its answer there, checks that stdin is a regular file
+//! and stdout a socket (sudo's I/O logging puts pipes in between; the master then starts
+//! it again the usual way), and `exec`s `/proc/self/fd/0`. No interpreter runs, no byte of
+//! the image is sent or copied, and every such child runs the one copy. The agent is told
+//! by [`STREAM_ON_STDOUT`].
 
 use std::fmt::Write as _;
 
 /// Prefix of the marker line.
 pub const MARKER: &str = "MITO";
+
+/// The value of [`crate::AGENT_ENV`] for an agent whose stdin is its image and whose
+/// stream runs over stdout alone (both directions: it is a socket).
+pub const STREAM_ON_STDOUT: &str = "stdout";
 
 /// Exit codes of the first stage, for errors.
 pub const EXIT_NO_ANSWER: i32 = 90;
@@ -65,6 +78,9 @@ pub struct FirstStage {
     pub argv0: String,
     /// Look up and fill the target's image cache.
     pub cache: bool,
+    /// The image is handed over as the first stage's stdin (a sealed memfd, same host):
+    /// the stream runs over stdout alone ([`Loader::HandedOver`]).
+    pub handover: bool,
 }
 
 /// What a method hands to the target account's shell (ssh's remote command, `su -c`): that
@@ -102,14 +118,21 @@ impl FirstStage {
         let hash = safe(&self.hash, &[]);
         let argv0 = safe(&self.argv0, &['@', ':', '.', '_', '-']);
         let cache = u8::from(self.cache);
+        // Handed over: the image must be stdin and the stream stdout; a relay (sudo's I/O
+        // log) would have put pipes there, and the master then starts again without.
+        let (check, from, agent) = if self.handover {
+            ("I=0;[ -f /proc/self/fd/0 ]&&[ -S /proc/self/fd/1 ]&&I=1;", " <&1", STREAM_ON_STDOUT)
+        } else {
+            ("I=0;", "", "1")
+        };
         format!(
             "T={token};H={hash};A={argv0};C=${{XDG_CACHE_HOME:-$HOME/.cache}}/mitogen;\
              L=;for p in perl python3;do command -v $p >/dev/null 2>&1&&L=$L,$p;done;\
              K=0;[ {cache} = 1 ]&&{{ [ -x \"$C/$H\" ]&&K=1||mkdir -p \"$C\" 2>/dev/null;}};\
              {{ read -r O </proc/sys/kernel/ostype&&read -r M </proc/sys/kernel/arch;}} 2>/dev/null||{{ set -- $(uname -sm);O=$1;M=$2;}};\
-             echo \"{MARKER}$T $O $M $K ${{L#,}}\";\
-             i=0;until read -r N E S X;do [ $((i+=1)) -gt 300 ]&&exit {EXIT_NO_ANSWER};sleep .1;done;\
-             export MITOGEN_AGENT=1;eval \"$X\""
+             {check}echo \"{MARKER}$T $O $M $K $I ${{L#,}}\";\
+             i=0;until read -r N E S X{from};do [ $((i+=1)) -gt 300 ]&&exit {EXIT_NO_ANSWER};sleep .1;done;\
+             export MITOGEN_AGENT={agent};eval \"$X\""
         )
     }
 
@@ -120,9 +143,10 @@ impl FirstStage {
         let os = f.next()?.to_string();
         let arch = f.next()?.to_string();
         let cached = f.next()? == "1";
+        let handover = f.next()? == "1";
         let loaders =
             f.next().unwrap_or("").split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
-        Some(Report { os, arch, cached, loaders })
+        Some(Report { os, arch, cached, handover, loaders })
     }
 }
 
@@ -135,6 +159,8 @@ pub struct Report {
     pub arch: String,
     /// The cache holds the image already.
     pub cached: bool,
+    /// The image handed over is stdin and the stream is stdout, as the master wired them.
+    pub handover: bool,
     /// Loaders found: `perl`, `python3`.
     pub loaders: Vec<String>,
 }
@@ -183,6 +209,10 @@ pub enum Loader {
     Python,
     /// Plain sh: a private, immediately unlinked file on a tmpfs.
     TmpFile,
+    /// The image is already there, as the first stage's stdin: a sealed memfd the master
+    /// (on the same host) made once and hands to every such child. Executed as it is: no
+    /// interpreter, nothing sent or copied.
+    HandedOver,
 }
 
 impl Loader {
@@ -190,7 +220,7 @@ impl Loader {
     pub fn encoding(self) -> Encoding {
         match self {
             Loader::Python => Encoding::Gzip,
-            Loader::Perl | Loader::Cached | Loader::TmpFile => Encoding::Raw,
+            Loader::Perl | Loader::Cached | Loader::TmpFile | Loader::HandedOver => Encoding::Raw,
         }
     }
 }
@@ -200,6 +230,8 @@ pub fn choose(report: &Report) -> Loader {
     let memfd = memfd_syscall(&report.arch).is_some();
     if report.cached {
         Loader::Cached
+    } else if report.handover {
+        Loader::HandedOver
     } else if memfd && report.loaders.iter().any(|l| l == "perl") {
         Loader::Perl
     } else if memfd && report.loaders.iter().any(|l| l == "python3") {
@@ -252,7 +284,13 @@ pub fn answer(loader: Loader, len: usize, arch: &str, cache: bool) -> String {
     let e = loader.encoding().word();
     let args = format!("$N $E $S \"$A\" {c} \"$C/$H\"");
     let (code, program) = match loader {
-        Loader::Cached => ("exec \"$C/$H\"".to_string(), ""),
+        // The name as an argument, so that `ps` shows who started the agent.
+        Loader::Cached => ("exec \"$C/$H\" \"$A\"".to_string(), ""),
+        Loader::HandedOver => {
+            let keep = "cp /proc/self/fd/0 \"$C/$H.$$\"&&chmod 700 \"$C/$H.$$\"&&mv -f \"$C/$H.$$\" \"$C/$H\"";
+            let keep = if cache { format!("{{ {keep};}} 2>/dev/null;") } else { String::new() };
+            (format!("{keep}exec /proc/self/fd/0 \"$A\""), "")
+        }
         Loader::Perl => (format!("exec perl -e '{PERL_BOOT}' {} {args}", PERL.len()), PERL),
         Loader::Python => {
             (format!("exec python3 -c 'exec(\"{PYTHON_BOOT}\")' {} {args}", PYTHON.len()), PYTHON)
@@ -270,7 +308,7 @@ pub fn answer(loader: Loader, len: usize, arch: &str, cache: bool) -> String {
             "",
         ),
     };
-    let n = if loader == Loader::Cached { 0 } else { len };
+    let n = if matches!(loader, Loader::Cached | Loader::HandedOver) { 0 } else { len };
     format!("{n} {e} {s} {code}\n{program}")
 }
 
@@ -284,41 +322,48 @@ mod tests {
             hash: "f".repeat(32),
             argv0: "mitogen:someuser@some-host.example:4194304".into(),
             cache: true,
+            handover: false,
         }
     }
 
     #[test]
     fn command_line_is_short_and_quote_free() {
-        let s = stage().script();
-        assert!(s.len() <= 1024, "{} bytes", s.len());
-        assert!(!s.contains('\''), "single quotes would break sudo/ssh quoting");
-        assert!(!s.contains('\n'));
+        for handover in [false, true] {
+            let s = FirstStage { handover, ..stage() }.script();
+            assert!(s.len() <= 1024, "{} bytes", s.len());
+            assert!(!s.contains('\''), "single quotes would break sudo/ssh quoting");
+            assert!(!s.contains('\n'));
+            // Handed over, the answer comes on stdout (the socket) and the agent is told so.
+            assert_eq!(s.contains("read -r N E S X <&1"), handover);
+            assert_eq!(s.contains(&format!("MITOGEN_AGENT={STREAM_ON_STDOUT};")), handover);
+        }
     }
 
     #[test]
     fn only_our_marker_is_recognised() {
         let st = stage();
-        let good = "MITO0123456789abcdef Linux x86_64 0 perl,python3\n";
+        let good = "MITO0123456789abcdef Linux x86_64 0 1 perl,python3\n";
         assert_eq!(
             st.parse(good),
             Some(Report {
                 os: "Linux".into(),
                 arch: "x86_64".into(),
                 cached: false,
+                handover: true,
                 loaders: vec!["perl".into(), "python3".into()]
             })
         );
         for bad in [
-            "MITOfedcba9876543210 Linux x86_64 0 perl",
-            "Password: MITO0123456789abcdef Linux x86_64 0 perl",
-            "MITO0123456789abcdefLinux x86_64 0 perl",
+            "MITOfedcba9876543210 Linux x86_64 0 0 perl",
+            "Password: MITO0123456789abcdef Linux x86_64 0 0 perl",
+            "MITO0123456789abcdefLinux x86_64 0 0 perl",
             "Welcome! your password expires in 3 days",
             "",
         ] {
             assert_eq!(st.parse(bad), None, "{bad:?}");
         }
-        let none = st.parse("MITO0123456789abcdef Linux aarch64 1 ").unwrap();
-        assert!(none.loaders.is_empty() && none.cached);
+        let none = st.parse("MITO0123456789abcdef Linux aarch64 1 0 ").unwrap();
+        assert!(none.loaders.is_empty() && none.cached && !none.handover);
     }
 
     #[test]
@@ -327,6 +372,7 @@ mod tests {
             os: "Linux".into(),
             arch: arch.into(),
             cached,
+            handover: false,
             loaders: loaders.iter().map(|s| s.to_string()).collect(),
         };
         assert_eq!(choose(&r(true, &["perl"], "x86_64")), Loader::Cached);
@@ -335,6 +381,10 @@ mod tests {
         assert_eq!(choose(&r(false, &[], "x86_64")), Loader::TmpFile);
         // No known memfd syscall: fall back to the file.
         assert_eq!(choose(&r(false, &["perl"], "mips")), Loader::TmpFile);
+        // Handed over: no interpreter needed; a cached copy is as good.
+        let handed = |cached| Report { handover: true, ..r(cached, &[], "x86_64") };
+        assert_eq!(choose(&handed(false)), Loader::HandedOver);
+        assert_eq!(choose(&handed(true)), Loader::Cached);
     }
 
     #[test]
@@ -351,6 +401,13 @@ mod tests {
             assert!(line.contains(&format!(" {} $N $E $S", program.len())), "{line}");
         }
         assert!(!answer(Loader::Cached, 1, "x86_64", true).contains("perl"));
+        // Handed over: nothing follows the line; with the cache on, it is filled too.
+        assert_eq!(
+            answer(Loader::HandedOver, 1234, "x86_64", false),
+            "0 raw 319 exec /proc/self/fd/0 \"$A\"\n"
+        );
+        let keep = answer(Loader::HandedOver, 1234, "x86_64", true);
+        assert!(keep.starts_with("0 raw 319 {") && keep.ends_with("exec /proc/self/fd/0 \"$A\"\n"), "{keep}");
     }
 
     #[test]
@@ -359,6 +416,6 @@ mod tests {
         assert!(!arch_matches("x86_64", "aarch64"));
         assert!(arch_matches("i686", "i586"));
         assert!(arch_matches("aarch64", "arm64"));
-        assert_eq!(answer(Loader::Cached, 123, "x86_64", false), "0 raw 319 exec \"$C/$H\"\n");
+        assert_eq!(answer(Loader::Cached, 123, "x86_64", false), "0 raw 319 exec \"$C/$H\" \"$A\"\n");
     }
 }

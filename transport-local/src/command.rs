@@ -7,8 +7,10 @@ use crate::bootstrap::{random_token, FirstStage};
 use crate::{spawn_hybrid, DataChannel, SELF_EXE};
 use mitogen_core::transport::{Bootstrap, Connection, StartError, Transport};
 use mitogen_core::Dialogue;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// How a started command is wired and what it is sent.
@@ -22,6 +24,10 @@ pub struct Wiring {
     pub pty: bool,
     /// What carries the messages.
     pub data: DataChannel,
+    /// The command runs on this host and gives its stdin to the program it runs (sudo,
+    /// doas): with a socketpair, the image may be handed over as that stdin
+    /// ([`CommandTransport::hand_over`]).
+    pub same_host: bool,
     /// A short description for errors and logs.
     pub description: String,
 }
@@ -45,13 +51,23 @@ pub struct CommandTransport<M> {
     method: M,
     arg0: String,
     image_hash: String,
+    handover: Option<Arc<OwnedFd>>,
 }
 
 impl<M: CommandMethod> CommandTransport<M> {
     /// A transport for `method`; `arg0` is what `ps` shows for the agent; `image_hash` is
     /// the image's build id (the first stage's cache key).
     pub fn new(method: M, arg0: impl Into<String>, image_hash: impl Into<String>) -> CommandTransport<M> {
-        CommandTransport { method, arg0: arg0.into(), image_hash: image_hash.into() }
+        CommandTransport { method, arg0: arg0.into(), image_hash: image_hash.into(), handover: None }
+    }
+
+    /// Hands `image` (a sealed memfd holding the image as shipped) to the child as its
+    /// stdin, where the method runs on this host over a socketpair: the first stage then
+    /// runs it without an interpreter and without a byte of it crossing the stream, and
+    /// the stream runs over the child's stdout alone. Ignored elsewhere.
+    pub fn hand_over(mut self, image: Arc<OwnedFd>) -> CommandTransport<M> {
+        self.handover = Some(image);
+        self
     }
 }
 
@@ -62,16 +78,21 @@ impl<M: CommandMethod + 'static> Transport for CommandTransport<M> {
 
     fn start(&mut self, deadline: Instant) -> Result<Connection, StartError> {
         let w = self.method.wiring()?;
+        let handover = match &self.handover {
+            Some(fd) if w.same_host && w.data == DataChannel::SocketPair => Some(fd.try_clone()?),
+            _ => None,
+        };
         let stage = FirstStage {
             token: random_token(),
             hash: self.image_hash.clone(),
             argv0: self.arg0.clone(),
             cache: w.cache,
+            handover: handover.is_some(),
         };
         let (mut cmd, dialogue) = self.method.command(&stage, deadline);
         let program = cmd.get_program().to_string_lossy().into_owned();
-        let (child, stream, diag) =
-            spawn_hybrid(&mut cmd, w.pty, w.data).map_err(|source| StartError::Spawn { program, source })?;
+        let (child, stream, diag) = spawn_hybrid(&mut cmd, w.pty, w.data, handover)
+            .map_err(|source| StartError::Spawn { program, source })?;
         // Our copies of the PTY slave and the child's stream ends must go, or end of file
         // never comes.
         drop(cmd);
@@ -85,6 +106,7 @@ impl<M: CommandMethod + 'static> Transport for CommandTransport<M> {
                 token: stage.token,
                 image: w.program.unwrap_or_else(|| PathBuf::from(SELF_EXE)),
                 cache: w.cache,
+                handover: stage.handover,
             },
             dialogue,
             driver: None,

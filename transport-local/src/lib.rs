@@ -22,8 +22,9 @@ use std::time::Instant;
 /// by the first stage): `current_exe()` would name a path that cannot be executed.
 pub const SELF_EXE: &str = "/proc/self/exe";
 
-/// Environment variable that tells a program it was started as an agent. The agent
-/// runtime removes it at once, so the agent's own subprocesses do not inherit it.
+/// Environment variable that tells a program it was started as an agent: `1`, or
+/// [`bootstrap::STREAM_ON_STDOUT`] when its stdin is not the stream. The agent runtime
+/// removes it at once, so the agent's own subprocesses do not inherit it.
 pub const AGENT_ENV: &str = "MITOGEN_AGENT";
 
 /// Options of the local method.
@@ -139,11 +140,16 @@ impl Transport for LocalTransport {
                 hash: self.image_hash.clone(),
                 argv0: self.arg0.clone(),
                 cache: self.opts.cache,
+                handover: false,
             };
             let mut cmd = Command::new("/bin/sh");
             cmd.arg("-c").arg(stage.script());
-            let boot =
-                Bootstrap::FirstStage { token: stage.token, image: program.clone(), cache: self.opts.cache };
+            let boot = Bootstrap::FirstStage {
+                token: stage.token,
+                image: program.clone(),
+                cache: self.opts.cache,
+                handover: false,
+            };
             (cmd, boot)
         } else {
             let mut cmd = Command::new(&program);
@@ -152,7 +158,7 @@ impl Transport for LocalTransport {
         };
         cmd.envs(self.opts.env.iter().map(|(k, v)| (k, v)));
         let data = if self.opts.pipes { DataChannel::Pipes } else { DataChannel::SocketPair };
-        let (child, stream, diag) = spawn_hybrid(&mut cmd, false, data)
+        let (child, stream, diag) = spawn_hybrid(&mut cmd, false, data, None)
             .map_err(|source| StartError::Spawn { program: program.display().to_string(), source })?;
         Ok(Connection {
             read: stream.read,
@@ -249,16 +255,22 @@ pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 /// Starts `cmd` with its stdin and stdout on `data` (the message stream) and its stderr on
 /// a pipe, or with `pty`, on a PTY that is also its controlling terminal in a new session
 /// ("hybrid" TTY: data never crosses the small TTY buffers). Returns the child, our ends of
-/// the stream, and the diagnostic fd (pipe or PTY master).
+/// the stream, and the diagnostic fd (pipe or PTY master). `stdin` replaces the stream as
+/// the child's stdin, which then uses its socket stdout both ways (socketpair only).
 pub fn spawn_hybrid(
     cmd: &mut Command,
     pty: bool,
     data: DataChannel,
+    stdin: Option<OwnedFd>,
 ) -> std::io::Result<(Child, StreamFds, Option<OwnedFd>)> {
     let stream = match data {
         DataChannel::SocketPair => {
             let (ours, theirs) = socketpair()?;
-            cmd.stdin(Stdio::from(theirs.try_clone()?)).stdout(Stdio::from(theirs));
+            let input = match stdin {
+                Some(fd) => fd,
+                None => theirs.try_clone()?,
+            };
+            cmd.stdin(Stdio::from(input)).stdout(Stdio::from(theirs));
             StreamFds { read: ours.try_clone()?, write: ours }
         }
         DataChannel::Pipes => {

@@ -238,6 +238,7 @@ impl CommandMethod for SshOptions {
             // A PTY only when a password prompt must be answered; BatchMode otherwise.
             pty: self.password.is_some(),
             data: DataChannel::SocketPair,
+            same_host: false,
             description: format!("ssh {}", self.hostname),
         })
     }

@@ -114,6 +114,7 @@ impl Transport for Libssh2Transport {
             hash: self.image_hash.clone(),
             argv0: self.arg0.clone(),
             cache: o.cache,
+            handover: false,
         };
         channel.exec(&exec_sh(&stage.script())).map_err(|e| failed(e, host, "starting the first stage"))?;
         let keepalive = o.keepalive_interval.map(|i| {
@@ -157,6 +158,7 @@ impl Transport for Libssh2Transport {
                 token: stage.token,
                 image: o.program.clone().unwrap_or_else(|| PathBuf::from(SELF_EXE)),
                 cache: o.cache,
+                handover: false,
             },
             dialogue: None,
             driver: Some(Box::new(pump)),

@@ -251,12 +251,15 @@ impl DoasOptions {
 }
 
 /// The wiring every account-changing method shares: a hybrid PTY for the prompt.
+/// `same_host`: the method gives the program it runs our stdin (the image can be handed
+/// over there); not su, which reads its password from stdin.
 fn wiring(
     method: &str,
     username: &str,
     program: &Option<PathBuf>,
     cache: bool,
     pipes: bool,
+    same_host: bool,
 ) -> Result<Wiring, StartError> {
     if username.is_empty() || username.starts_with('-') {
         return Err(StartError::Options(format!("invalid {method} username {username:?}")));
@@ -266,6 +269,7 @@ fn wiring(
         cache,
         pty: true,
         data: if pipes { DataChannel::Pipes } else { DataChannel::SocketPair },
+        same_host,
         description: format!("{method} -u {username}"),
     })
 }
@@ -276,7 +280,7 @@ impl CommandMethod for SudoOptions {
     }
 
     fn wiring(&self) -> Result<Wiring, StartError> {
-        wiring("sudo", &self.username, &self.program, self.cache, self.pipes)
+        wiring("sudo", &self.username, &self.program, self.cache, self.pipes, true)
     }
 
     fn command(&self, stage: &FirstStage, _deadline: Instant) -> (Command, Option<Box<dyn Dialogue>>) {
@@ -292,7 +296,7 @@ impl CommandMethod for SuOptions {
     }
 
     fn wiring(&self) -> Result<Wiring, StartError> {
-        wiring("su", &self.username, &self.program, self.cache, self.pipes)
+        wiring("su", &self.username, &self.program, self.cache, self.pipes, false)
     }
 
     fn command(&self, stage: &FirstStage, _deadline: Instant) -> (Command, Option<Box<dyn Dialogue>>) {
@@ -307,7 +311,7 @@ impl CommandMethod for DoasOptions {
     }
 
     fn wiring(&self) -> Result<Wiring, StartError> {
-        wiring("doas", &self.username, &self.program, self.cache, self.pipes)
+        wiring("doas", &self.username, &self.program, self.cache, self.pipes, true)
     }
 
     fn command(&self, stage: &FirstStage, _deadline: Instant) -> (Command, Option<Box<dyn Dialogue>>) {

@@ -414,9 +414,10 @@ fn sudo_lifecycle(cached: bool) -> anyhow::Result<()> {
     lifecycle_of(if cached { "sudo-lifecycle-cached" } else { "sudo-lifecycle" }, || r.sudo(spec()))
 }
 
-/// What the first stage costs on the wire: the command line, and the image sent to a fresh
-/// target (perl loader: raw, cut after its last loaded byte) and to one with a cached
-/// image.
+/// What the first stage costs on the wire: sudo's command line; what sudo sends to a
+/// fresh target (the image is handed over as stdin: only the answer line) and to one with
+/// a cached image; and what a method that streams the image sends (ssh, containers, su,
+/// sudo over pipes: perl loader, raw image cut after its last loaded byte).
 fn sudo_bootstrap() -> anyhow::Result<()> {
     use mitogen_transport_local::bootstrap::{answer, FirstStage, Loader};
     let stage = FirstStage {
@@ -424,13 +425,14 @@ fn sudo_bootstrap() -> anyhow::Result<()> {
         hash: "0".repeat(32),
         argv0: format!("mitogen:{SUDO_USER}@localhost:{}", std::process::id()),
         cache: true,
+        handover: true,
     };
     let image = mitogen_child::build_id::shipped(std::path::Path::new("/proc/self/exe"))?.len();
-    let fresh = answer(Loader::Perl, image, "x86_64", true).len() + image;
-    let cached = answer(Loader::Cached, image, "x86_64", true).len();
+    let sent = |loader| answer(loader, image, "x86_64", false).len();
     report("sudo-bootstrap", "command-line", stage.script().len() as f64, "bytes");
-    report("sudo-bootstrap", "sent-fresh", fresh as f64, "bytes");
-    report("sudo-bootstrap", "sent-cached", cached as f64, "bytes");
+    report("sudo-bootstrap", "sent-fresh", sent(Loader::HandedOver) as f64, "bytes");
+    report("sudo-bootstrap", "sent-cached", sent(Loader::Cached) as f64, "bytes");
+    report("sudo-bootstrap", "sent-fresh-stream", (sent(Loader::Perl) + image) as f64, "bytes");
     Ok(())
 }
 

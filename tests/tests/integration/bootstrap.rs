@@ -164,7 +164,13 @@ fn first_stage_with_non_blocking_stdin(path: &Path, loader: mitogen_transport_lo
     use mitogen_transport_local::bootstrap::{answer, random_token, Encoding, FirstStage};
     use std::io::{BufRead, Write};
     use std::os::fd::AsRawFd;
-    let stage = FirstStage { token: random_token(), hash: "0".repeat(32), argv0: "x".into(), cache: false };
+    let stage = FirstStage {
+        token: random_token(),
+        hash: "0".repeat(32),
+        argv0: "x".into(),
+        cache: false,
+        handover: false,
+    };
     let (child_in, ours_w) = mitogen_transport_local::pipe().unwrap();
     // SAFETY: fcntl on a descriptor we own.
     unsafe {

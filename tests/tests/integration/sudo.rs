@@ -67,6 +67,57 @@ fn passwordless_sudo_runs_the_agent_in_the_account_from_memory() {
 }
 
 #[test]
+fn same_host_sudo_and_doas_run_one_sealed_image_handed_over_as_stdin() {
+    ensure_doas();
+    let r = Router::new().unwrap();
+    let a = r.sudo(sudo(USER_A)).unwrap();
+    let c = r.sudo(sudo(USER_C)).unwrap();
+    let d = r.doas(doas(USER_B)).unwrap();
+    let pids: Vec<u32> =
+        [&a, &c, &d].iter().map(|x| x.call(mitogen::builtins::getpid, ()).unwrap()).collect();
+    // One copy in memory for all of them: the master's sealed memfd.
+    let inode = |pid: &u32| {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(format!("/proc/{pid}/exe")).unwrap())
+    };
+    assert!(pids.iter().all(|p| inode(p) == inode(&pids[0])), "{pids:?} run different copies");
+    let exe = std::fs::read_link(format!("/proc/{}/exe", pids[0])).unwrap();
+    assert!(exe.display().to_string().starts_with("/memfd:mitogen-image"), "{exe:?}");
+    // The account can run and read it, never change it.
+    let all = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    assert_eq!(a.call(image_seals, ()).unwrap() & all, all);
+    // stdin is no longer the image, and `ps` shows who started the agent.
+    let stdin = std::fs::read_link(format!("/proc/{}/fd/0", pids[0])).unwrap();
+    assert_eq!(stdin, std::path::Path::new("/dev/null"));
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("mitogen:"), "{cmdline:?}");
+    // A large call both ways over the one socket.
+    let data = mitogen::Bytes(block(7, 3, 3 << 20));
+    assert_eq!(c.call(echo, (data.clone(),)).unwrap(), data);
+    // Through an intermediary: it hands over its own image (a copy of the master's).
+    let b = r.sudo(sudo(USER_B).password(PW_A).via(&a)).unwrap();
+    let pb = b.call(mitogen::builtins::getpid, ()).unwrap();
+    let exe = std::fs::read_link(format!("/proc/{pb}/exe")).unwrap();
+    assert!(exe.display().to_string().starts_with("/memfd:mitogen-image"), "{exe:?}");
+}
+
+#[test]
+fn with_sudo_logging_input_and_output_the_image_is_sent_instead() {
+    ensure();
+    let r = Router::new().unwrap();
+    // sudo puts pipes between us and the first stage: it finds its stdin is not the
+    // image, and the master starts it again, sending the image over the stream.
+    let g = r.sudo(sudo(USER_G)).unwrap();
+    assert_eq!(g.call(uids, ()).unwrap().0, uid_of(USER_G));
+    let pid = g.call(mitogen::builtins::getpid, ()).unwrap();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap().display().to_string();
+    assert!(exe.starts_with("/memfd:mitogen") && !exe.contains("image"), "{exe}");
+    let data = mitogen::Bytes(block(1, 2, 1 << 20));
+    assert_eq!(g.call(echo, (data.clone(),)).unwrap(), data);
+    g.shutdown(Duration::from_secs(10)).unwrap();
+    assert!(wait_gone(pid, Duration::from_secs(10)));
+}
+
+#[test]
 fn password_sudo_through_an_intermediary() {
     ensure();
     let r = Router::new().unwrap();
@@ -229,6 +280,9 @@ fn sudo_over_pipes() {
     let r = Router::new().unwrap();
     let a = r.sudo(sudo(USER_A).pipes(true)).unwrap();
     assert_eq!(a.call(uids, ()).unwrap().0, uid_of(USER_A));
+    // Over pipes the image is sent, not handed over (stdin is the stream).
+    let (exe, _) = a.call(whoami, ()).unwrap();
+    assert!(exe.starts_with("/memfd:mitogen") && !exe.contains("image"), "{exe}");
     let data = mitogen::Bytes(block(5, 6, 2 << 20));
     assert_eq!(a.call(echo, (data.clone(),)).unwrap(), data);
 }
