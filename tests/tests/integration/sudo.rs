@@ -115,6 +115,12 @@ fn with_sudo_logging_input_and_output_the_image_is_sent_instead() {
     assert_eq!(g.call(echo, (data.clone(),)).unwrap(), data);
     g.shutdown(Duration::from_secs(10)).unwrap();
     assert!(wait_gone(pid, Duration::from_secs(10)));
+    // Neither the refused first start nor the agent left anything running in G's account.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !processes_of(USER_G).is_empty() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(processes_of(USER_G), Vec::<String>::new(), "left running");
 }
 
 #[test]
