@@ -276,8 +276,8 @@ while len(c)<l:\\n r=os.read(0,l-len(c))\\n if not r:sys.exit(\\\"short loader\\
 exec(c)";
 
 /// What the master sends after the marker line, before the image of `len` bytes as sent:
-/// the answer line for `loader`, then the loader program itself where it has one (perl
-/// and python read theirs from the stream: see [`PERL_BOOT`]).
+/// the answer line for `loader`, then the loader program itself where it has one (the
+/// line makes perl or python read it from the stream in one go).
 pub fn answer(loader: Loader, len: usize, arch: &str, cache: bool) -> String {
     let s = memfd_syscall(arch).unwrap_or(0);
     let c = u8::from(cache);
