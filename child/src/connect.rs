@@ -8,7 +8,7 @@ use mitogen_core::ids::{self, ContextId};
 use mitogen_core::message::HEADER_LEN;
 use mitogen_core::transport::Bootstrap as StartMode;
 use mitogen_core::transport::{Connection, StartError, Transport};
-use mitogen_core::{BrokerError, BrokerHandle, Context, Kind, Message};
+use mitogen_core::{BrokerError, BrokerHandle, Context, Kind, LoginError, Message};
 use mitogen_transport_local::bootstrap::{self as stage1, FirstStage, Loader};
 use mitogen_transport_local::{LocalOptions, LocalTransport};
 use serde::{Deserialize, Serialize};
@@ -138,6 +138,20 @@ impl Method {
             Method::Ssh(_) => true,
             #[cfg(feature = "container")]
             Method::Container(_) => true,
+        }
+    }
+
+    /// The same method with a terminal for the login, if it started without one (sudo
+    /// without a password; `requiretty` refuses that).
+    fn with_tty(&self) -> Option<Method> {
+        match self {
+            #[cfg(feature = "sudo")]
+            Method::Sudo(o) if !o.tty => {
+                let mut o = o.clone();
+                o.tty = true;
+                Some(Method::Sudo(o))
+            }
+            _ => None,
         }
     }
 
@@ -318,23 +332,33 @@ pub(crate) fn connect(
     id: ContextId,
     inherited: &Inherited,
 ) -> Result<Context, ConnectError> {
-    let image = match method.hands_over() {
-        // Where no sealed executable memfd can be made, the image is sent instead.
-        true => image_memfd(&method.image())
-            .inspect_err(|e| log::debug!("the image cannot be handed over ({e}): it is sent"))
-            .ok(),
-        false => None,
-    };
-    match connect_once(broker, method, opts, id, inherited, image)? {
-        Some(context) => Ok(context),
-        None => {
-            log::debug!(
-                "stdin and stdout are relayed (sudo I/O logging?): starting again, sending the image"
-            );
-            connect_once(broker, method, opts, id, inherited, None)?
-                .ok_or_else(|| ConnectError::Protocol("the first stage refused the image twice".into()))
+    // Where no sealed executable memfd can be made, the image is sent instead.
+    let mut image = method.hands_over().then(|| image_memfd(&method.image())).and_then(|r| {
+        r.inspect_err(|e| log::debug!("the image cannot be handed over ({e}): it is sent")).ok()
+    });
+    let mut method = std::borrow::Cow::Borrowed(method);
+    // A start is made again at most twice, each time with one thing changed.
+    for _ in 0..3 {
+        let error = match connect_once(broker, &method, opts, id, inherited, image.clone()) {
+            Ok(Some(context)) => return Ok(context),
+            Ok(None) => {
+                log::debug!(
+                    "stdin and stdout are relayed (sudo's I/O log?): starting again, sending the image"
+                );
+                image = None;
+                continue;
+            }
+            Err(e) => e,
+        };
+        match (&error, method.with_tty()) {
+            (ConnectError::Login { error: LoginError::TtyRequired { .. }, .. }, Some(again)) => {
+                log::debug!("{}: starting again with a terminal", error);
+                method = std::borrow::Cow::Owned(again);
+            }
+            _ => return Err(error),
         }
     }
+    Err(ConnectError::Protocol("the start was refused three times".into()))
 }
 
 /// One start. `None`: the image was handed over, and the first stage found it was not its
@@ -438,9 +462,17 @@ impl Pending {
         self.conn.as_ref().expect("still pending")
     }
 
+    /// Ends the child: SIGTERM first, which sudo passes on to what it runs (without a
+    /// terminal, nothing else would end a first stage left waiting), then SIGKILL.
     fn kill(&mut self) {
         if let Some(mut c) = self.conn.take() {
             if let Some(p) = c.process.as_mut() {
+                // SAFETY: kill on our own unreaped child.
+                unsafe { libc::kill(p.id() as libc::pid_t, libc::SIGTERM) };
+                let until = Instant::now() + Duration::from_millis(200);
+                while matches!(p.try_wait(), Ok(None)) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
                 let _ = p.kill();
                 let _ = p.wait();
             }

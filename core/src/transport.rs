@@ -81,6 +81,12 @@ pub enum LoginError {
         /// The method that refused it.
         method: &'static str,
     },
+    /// The method needs a terminal (sudo's `requiretty`) and was started without one.
+    #[error("{method} needs a terminal (requiretty)")]
+    TtyRequired {
+        /// The method that refused.
+        method: &'static str,
+    },
     /// The method refused for another reason; the line says why.
     #[error("{method} refused: {line}")]
     Refused {

@@ -345,6 +345,13 @@ impl Sudo {
         self.opts.sudo_path = path.into();
         self
     }
+
+    /// Give sudo a terminal even without a password or a login shell. Not needed for
+    /// `requiretty` accounts: a start sudo refuses for want of one is made again with one.
+    pub fn tty(mut self, on: bool) -> Sudo {
+        self.opts.tty = on;
+        self
+    }
 }
 
 /// Builder for a su context (util-linux su or compatible).

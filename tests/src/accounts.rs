@@ -27,6 +27,8 @@ pub const USER_E: &str = "mitogen-test-e";
 pub const USER_F: &str = "mitogen-test-f";
 /// sudo logs this account's input and output, so its stdin and stdout are sudo's pipes.
 pub const USER_G: &str = "mitogen-test-g";
+/// Used by one test only, which checks that nothing is left running in it.
+pub const USER_H: &str = "mitogen-test-h";
 
 /// The rules for doas (OpenDoas has no drop-in directory: this block goes into
 /// /etc/doas.conf between markers).
@@ -46,8 +48,9 @@ Defaults>mitogen-test-g log_input, log_output
 mitogen-test-a ALL=(mitogen-test-b) ALL
 mitogen-test-a ALL=(mitogen-test-c) NOPASSWD: ALL
 mitogen-test-d ALL=(mitogen-test-b) ALL
+mitogen-test-d ALL=(mitogen-test-c) NOPASSWD: ALL
 ";
-const VERSION: &str = "3";
+const VERSION: &str = "4";
 
 fn run(cmd: &mut Command) -> Result<(), String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
@@ -109,6 +112,7 @@ fn setup() -> Result<(), String> {
         (USER_E, PW_B),
         (USER_F, PW_B),
         (USER_G, PW_B),
+        (USER_H, PW_B),
     ] {
         if !user_exists(user) {
             run(Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", user]))?;

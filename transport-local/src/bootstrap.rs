@@ -119,19 +119,28 @@ impl FirstStage {
         let argv0 = safe(&self.argv0, &['@', ':', '.', '_', '-']);
         let cache = u8::from(self.cache);
         // Handed over: the image must be stdin and the stream stdout; a relay (sudo's I/O
-        // log) would have put pipes there, and the master then starts again without.
-        let (check, from, agent) = if self.handover {
-            ("I=0;[ -f /proc/self/fd/0 ]&&[ -S /proc/self/fd/1 ]&&I=1;", " <&1", STREAM_ON_STDOUT)
+        // log) would have put pipes there, and the master then starts again without. The
+        // stream is then the master's own socket, never non-blocking: a failed read means
+        // the master is gone, and the first stage ends at once.
+        let (check, answer, agent) = if self.handover {
+            (
+                "I=0;[ -f /proc/self/fd/0 ]&&[ -S /proc/self/fd/1 ]&&I=1;",
+                format!("read -r N E S X <&1||exit {EXIT_NO_ANSWER};"),
+                STREAM_ON_STDOUT,
+            )
         } else {
-            ("I=0;", "", "1")
+            (
+                "I=0;",
+                format!("i=0;until read -r N E S X;do [ $((i+=1)) -gt 300 ]&&exit {EXIT_NO_ANSWER};sleep .1;done;"),
+                "1",
+            )
         };
         format!(
             "T={token};H={hash};A={argv0};C=${{XDG_CACHE_HOME:-$HOME/.cache}}/mitogen;\
              L=;for p in perl python3;do command -v $p >/dev/null 2>&1&&L=$L,$p;done;\
              K=0;[ {cache} = 1 ]&&{{ [ -x \"$C/$H\" ]&&K=1||mkdir -p \"$C\" 2>/dev/null;}};\
              {{ read -r O </proc/sys/kernel/ostype&&read -r M </proc/sys/kernel/arch;}} 2>/dev/null||{{ set -- $(uname -sm);O=$1;M=$2;}};\
-             {check}echo \"{MARKER}$T $O $M $K $I ${{L#,}}\";\
-             i=0;until read -r N E S X{from};do [ $((i+=1)) -gt 300 ]&&exit {EXIT_NO_ANSWER};sleep .1;done;\
+             {check}echo \"{MARKER}$T $O $M $K $I ${{L#,}}\";{answer}\
              export MITOGEN_AGENT={agent};eval \"$X\""
         )
     }
@@ -334,7 +343,7 @@ mod tests {
             assert!(!s.contains('\''), "single quotes would break sudo/ssh quoting");
             assert!(!s.contains('\n'));
             // Handed over, the answer comes on stdout (the socket) and the agent is told so.
-            assert_eq!(s.contains("read -r N E S X <&1"), handover);
+            assert_eq!(s.contains("read -r N E S X <&1||exit 90;"), handover);
             assert_eq!(s.contains(&format!("MITOGEN_AGENT={STREAM_ON_STDOUT};")), handover);
         }
     }

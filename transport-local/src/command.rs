@@ -20,7 +20,8 @@ pub struct Wiring {
     pub program: Option<PathBuf>,
     /// Let the first stage use the target's image cache.
     pub cache: bool,
-    /// Give the command a PTY as controlling terminal and stderr (for prompts).
+    /// Give the command a PTY as controlling terminal and stderr (for prompts). A
+    /// same-host command whose image is not handed over gets one in any case.
     pub pty: bool,
     /// What carries the messages.
     pub data: DataChannel,
@@ -91,7 +92,11 @@ impl<M: CommandMethod + 'static> Transport for CommandTransport<M> {
         };
         let (mut cmd, dialogue) = self.method.command(&stage, deadline);
         let program = cmd.get_program().to_string_lossy().into_owned();
-        let (child, stream, diag) = spawn_hybrid(&mut cmd, w.pty, w.data, handover)
+        // Without a terminal, nothing ends a first stage left waiting when its start is
+        // abandoned, but the handed-over one ends by itself once the stream closes: a
+        // same-host method whose image is not handed over gets a terminal in any case.
+        let pty = w.pty || (w.same_host && handover.is_none());
+        let (child, stream, diag) = spawn_hybrid(&mut cmd, pty, w.data, handover)
             .map_err(|source| StartError::Spawn { program, source })?;
         // Our copies of the PTY slave and the child's stream ends must go, or end of file
         // never comes.

@@ -36,6 +36,7 @@ pub struct PromptDialogue {
     incorrect: Vec<String>,
     refused: Vec<String>,
     required: Vec<String>,
+    needs_tty: Vec<String>,
     buf: Vec<u8>,
     sent: bool,
 }
@@ -54,12 +55,17 @@ impl PromptDialogue {
                 "is not in the sudoers file",
                 "is not allowed to execute",
                 "not allowed to run sudo",
-                "must have a tty",
                 "unknown user",
                 "no passwd entry",
                 "account validation failure",
             ]),
-            required: lower(&["a password is required", "a terminal is required", "no tty present"]),
+            required: lower(&[
+                "a password is required",
+                "a terminal is required",
+                "no tty present",
+                "interactive authentication is required",
+            ]),
+            needs_tty: lower(&["must have a tty"]),
             buf: Vec::new(),
             sent: false,
         }
@@ -78,6 +84,7 @@ impl PromptDialogue {
             incorrect: lower(incorrect),
             refused: lower(&["does not exist", "must be run from a terminal", "permission denied"]),
             required: Vec::new(),
+            needs_tty: Vec::new(),
             buf: Vec::new(),
             sent: false,
         }
@@ -96,6 +103,7 @@ impl PromptDialogue {
             incorrect: lower(incorrect),
             refused: lower(&["operation not permitted", "not permitted", "unknown user", "no passwd entry"]),
             required: lower(&["authorization required", "a tty is required"]),
+            needs_tty: Vec::new(),
             buf: Vec::new(),
             sent: false,
         }
@@ -124,6 +132,9 @@ impl PromptDialogue {
             } else {
                 LoginError::PasswordRequired { method: m }
             });
+        }
+        if self.needs_tty.iter().any(|t| l.contains(t.as_str())) {
+            return Some(LoginError::TtyRequired { method: m });
         }
         if self.refused.iter().any(|t| l.contains(t.as_str())) {
             return Some(LoginError::Refused { method: m, line: line.trim().to_string() });
@@ -247,6 +258,20 @@ mod tests {
         let mut d = PromptDialogue::sudo(P, None);
         let s = d.on_output(b"sudo: a terminal is required to read the password\n");
         assert_eq!(s, DialogueStep::Fail(LoginError::PasswordRequired { method: "sudo" }));
+        // `sudo -n` (no password configured): sudo.ws and sudo-rs.
+        for line in
+            [&b"sudo: a password is required\n"[..], b"sudo-rs: interactive authentication is required\n"]
+        {
+            let mut d = PromptDialogue::sudo(P, None);
+            assert_eq!(
+                d.on_output(line),
+                DialogueStep::Fail(LoginError::PasswordRequired { method: "sudo" })
+            );
+        }
+        // requiretty without a terminal: the connection is made again with one.
+        let mut d = PromptDialogue::sudo(P, None);
+        let s = d.on_output(b"sudo: sorry, you must have a tty to run sudo\n");
+        assert_eq!(s, DialogueStep::Fail(LoginError::TtyRequired { method: "sudo" }));
     }
 
     fn su() -> PromptDialogue {

@@ -6,6 +6,11 @@
 //! the child's controlling terminal and stderr ("hybrid" TTY), answered by a sans-IO
 //! [`PromptDialogue`] with a prompt string we force (`-p`), so the prompt is recognised
 //! exactly whatever the locale, banner or sudo flavour (sudo.ws, sudo-rs, pwfeedback).
+//! Without a password there is nothing to answer: sudo then runs non-interactively (`-n`),
+//! and when the image is handed over (the default over a socketpair), without a terminal,
+//! which saves it a PTY and a monitor process (`use_pty`). Not for a login shell (whatever
+//! its profile starts ends with the terminal when a start is abandoned), nor with
+//! [`SudoOptions::tty`] (set when `requiretty` refused the first start).
 //! su and doas cannot be given a prompt: theirs are recognised from configurable texts
 //! ([`SuOptions::password_prompts`], [`DoasOptions::password_prompts`]); util-linux su
 //! reads the password from stdin, so its answer goes to the stream, not the terminal.
@@ -53,6 +58,10 @@ pub struct SudoOptions {
     pub cache: bool,
     /// Carry messages over pipes instead of a socketpair.
     pub pipes: bool,
+    /// Give sudo a terminal even without a password and a login shell. Not needed for
+    /// `requiretty` accounts: a start that sudo refuses for want of one is made again with
+    /// one.
+    pub tty: bool,
 }
 
 impl Default for SudoOptions {
@@ -70,6 +79,7 @@ impl Default for SudoOptions {
             program: None,
             cache: false,
             pipes: false,
+            tty: false,
         }
     }
 }
@@ -79,6 +89,10 @@ impl SudoOptions {
     pub fn command(&self, prompt: &str, script: &str) -> Command {
         let mut cmd = Command::new(&self.sudo_path);
         cmd.arg("-u").arg(&self.username).arg("-p").arg(prompt);
+        if self.password.is_none() {
+            // Nothing to answer a prompt with: sudo says "a password is required" at once.
+            cmd.arg("-n");
+        }
         if self.preserve_env {
             cmd.arg("-E");
         }
@@ -94,11 +108,23 @@ impl SudoOptions {
         if let Some(t) = &self.selinux_type {
             cmd.arg("-t").arg(t);
         }
-        let shell_mode = self.login
-            || self.extra_args.iter().any(|a| matches!(a.as_str(), "-i" | "-s" | "--login" | "--shell"));
-        let script = if shell_mode { dollar_free(script) } else { script.to_string() };
+        let script = if self.shell_mode() { dollar_free(script) } else { script.to_string() };
         cmd.args(&self.extra_args).arg("--").arg("/bin/sh").arg("-c").arg(script);
         cmd
+    }
+}
+
+impl SudoOptions {
+    /// sudo runs the account's shell (`-i`, `-s`): with `-i` its profile too.
+    fn shell_mode(&self) -> bool {
+        self.login
+            || self.extra_args.iter().any(|a| matches!(a.as_str(), "-i" | "-s" | "--login" | "--shell"))
+    }
+
+    /// A PTY for the start: to answer a prompt, for a login shell (whatever its profile
+    /// starts ends with the terminal when the start is abandoned), or when asked.
+    fn wants_tty(&self) -> bool {
+        self.password.is_some() || self.tty || self.shell_mode()
     }
 }
 
@@ -250,7 +276,7 @@ impl DoasOptions {
     }
 }
 
-/// The wiring every account-changing method shares: a hybrid PTY for the prompt.
+/// The wiring every account-changing method shares: a hybrid PTY for the prompt (`pty`).
 /// `same_host`: the method gives the program it runs our stdin (the image can be handed
 /// over there); not su, which reads its password from stdin.
 fn wiring(
@@ -260,6 +286,7 @@ fn wiring(
     cache: bool,
     pipes: bool,
     same_host: bool,
+    pty: bool,
 ) -> Result<Wiring, StartError> {
     if username.is_empty() || username.starts_with('-') {
         return Err(StartError::Options(format!("invalid {method} username {username:?}")));
@@ -267,7 +294,7 @@ fn wiring(
     Ok(Wiring {
         program: program.clone(),
         cache,
-        pty: true,
+        pty,
         data: if pipes { DataChannel::Pipes } else { DataChannel::SocketPair },
         same_host,
         description: format!("{method} -u {username}"),
@@ -280,7 +307,7 @@ impl CommandMethod for SudoOptions {
     }
 
     fn wiring(&self) -> Result<Wiring, StartError> {
-        wiring("sudo", &self.username, &self.program, self.cache, self.pipes, true)
+        wiring("sudo", &self.username, &self.program, self.cache, self.pipes, true, self.wants_tty())
     }
 
     fn command(&self, stage: &FirstStage, _deadline: Instant) -> (Command, Option<Box<dyn Dialogue>>) {
@@ -296,7 +323,7 @@ impl CommandMethod for SuOptions {
     }
 
     fn wiring(&self) -> Result<Wiring, StartError> {
-        wiring("su", &self.username, &self.program, self.cache, self.pipes, false)
+        wiring("su", &self.username, &self.program, self.cache, self.pipes, false, true)
     }
 
     fn command(&self, stage: &FirstStage, _deadline: Instant) -> (Command, Option<Box<dyn Dialogue>>) {
@@ -311,7 +338,7 @@ impl CommandMethod for DoasOptions {
     }
 
     fn wiring(&self) -> Result<Wiring, StartError> {
-        wiring("doas", &self.username, &self.program, self.cache, self.pipes, true)
+        wiring("doas", &self.username, &self.program, self.cache, self.pipes, true, true)
     }
 
     fn command(&self, stage: &FirstStage, _deadline: Instant) -> (Command, Option<Box<dyn Dialogue>>) {

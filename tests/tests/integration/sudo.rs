@@ -179,6 +179,54 @@ fn requiretty_and_target_password_accounts_work() {
     assert!(err.to_string().contains("incorrect"), "{err}");
 }
 
+/// The controlling terminal of `pid` (`tty_nr` in /proc/PID/stat; 0 for none).
+fn tty_of(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name, which ends at the last ')': state ppid pgrp session tty_nr.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(4).unwrap().parse().unwrap()
+}
+
+#[test]
+fn without_a_password_sudo_gets_no_terminal_unless_requiretty_asks_for_one() {
+    ensure();
+    let r = Router::new().unwrap();
+    // Passwordless: nothing to answer, so no PTY (and no monitor process of sudo's).
+    let d = r.sudo(sudo(USER_D)).unwrap();
+    assert_eq!(tty_of(d.call(mitogen::builtins::getpid, ()).unwrap()), 0);
+    // D's sudo has `requiretty`: passwordless to C, sudo refuses the start without a
+    // terminal, and it is made again with one.
+    let c = r.sudo(sudo(USER_C).via(&d)).unwrap();
+    assert_eq!(c.call(uids, ()).unwrap().0, uid_of(USER_C));
+    assert_ne!(tty_of(c.call(mitogen::builtins::getpid, ()).unwrap()), 0);
+    // Asked for, and for a login shell.
+    let a = r.sudo(sudo(USER_A).tty(true)).unwrap();
+    assert_ne!(tty_of(a.call(mitogen::builtins::getpid, ()).unwrap()), 0);
+    let a = r.sudo(sudo(USER_A).login(true)).unwrap();
+    assert_ne!(tty_of(a.call(mitogen::builtins::getpid, ()).unwrap()), 0);
+}
+
+#[test]
+fn an_abandoned_start_without_a_terminal_leaves_nothing_running() {
+    ensure();
+    let r = Router::new().unwrap();
+    // Connect timeouts that end the start at different points: before sudo runs, in
+    // sudo, in the first stage, or not at all. However it ends, the account is left empty
+    // (sudo passes our SIGTERM on to what it runs; there is no terminal to hang up).
+    for ms in [1, 2, 4, 6, 8, 12] {
+        match r.sudo(sudo(USER_H).connect_timeout(Duration::from_millis(ms))) {
+            Ok(h) => h.shutdown(Duration::from_secs(10)).unwrap(),
+            Err(ConnectError::Timeout { .. }) => {}
+            Err(e) => panic!("{ms} ms: {e:?}"),
+        }
+    }
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !processes_of(USER_H).is_empty() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(processes_of(USER_H), Vec::<String>::new(), "left running");
+}
+
 #[test]
 fn errors_on_an_intermediary_are_typed_in_the_master_when_direct() {
     ensure();
