@@ -81,23 +81,15 @@ impl Method {
         Ok(match self {
             Method::Local(o) => Box::new(LocalTransport::new(o.clone(), arg0, image_hash)),
             #[cfg(feature = "sudo")]
-            Method::Sudo(o) => {
-                let t = mitogen_transport_sudo::SudoTransport::new(o.clone(), arg0, image_hash);
-                Box::new(match image {
-                    Some(fd) => t.hand_over(fd),
-                    None => t,
-                })
-            }
+            Method::Sudo(o) => Box::new(
+                mitogen_transport_sudo::SudoTransport::new(o.clone(), arg0, image_hash).hand_over(image),
+            ),
             #[cfg(feature = "sudo")]
             Method::Su(o) => Box::new(mitogen_transport_sudo::SuTransport::new(o.clone(), arg0, image_hash)),
             #[cfg(feature = "sudo")]
-            Method::Doas(o) => {
-                let t = mitogen_transport_sudo::DoasTransport::new(o.clone(), arg0, image_hash);
-                Box::new(match image {
-                    Some(fd) => t.hand_over(fd),
-                    None => t,
-                })
-            }
+            Method::Doas(o) => Box::new(
+                mitogen_transport_sudo::DoasTransport::new(o.clone(), arg0, image_hash).hand_over(image),
+            ),
             #[cfg(feature = "ssh")]
             Method::Ssh(o) => return o.transport(arg0, image_hash),
             #[cfg(feature = "container")]
@@ -850,16 +842,18 @@ fn first_stage(
 /// children get it as their stdin and all run this one copy; their user can read it,
 /// never change it.
 fn image_memfd(path: &Path) -> std::io::Result<Arc<OwnedFd>> {
-    type Key = (PathBuf, u64, std::time::SystemTime);
-    static CACHE: OnceLock<Mutex<HashMap<Key, Arc<OwnedFd>>>> = OnceLock::new();
+    type Made = (u64, std::time::SystemTime, Arc<OwnedFd>);
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, Made>>> = OnceLock::new();
     /// `MFD_EXEC` (Linux 6.3): executable even where `vm.memfd_noexec` makes new memfds
     /// non-executable. Older kernels refuse the flag.
     const MFD_EXEC: libc::c_uint = 0x10;
     let meta = std::fs::metadata(path)?;
-    let key = (path.to_path_buf(), meta.len(), meta.modified()?);
+    let (len, mtime) = (meta.len(), meta.modified()?);
     let cache = CACHE.get_or_init(Default::default);
-    if let Some(fd) = cache.lock().unwrap().get(&key) {
-        return Ok(fd.clone());
+    if let Some((l, m, fd)) = cache.lock().unwrap().get(path) {
+        if (*l, *m) == (len, mtime) {
+            return Ok(fd.clone());
+        }
     }
     let bytes = crate::build_id::shipped(path)?;
     let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
@@ -882,7 +876,8 @@ fn image_memfd(path: &Path) -> std::io::Result<Arc<OwnedFd>> {
     }
     let read_only = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
     let fd = Arc::new(OwnedFd::from(read_only));
-    cache.lock().unwrap().insert(key, fd.clone());
+    // A changed file replaces its old copy (children running that one keep it alive).
+    cache.lock().unwrap().insert(path.to_path_buf(), (len, mtime, fd.clone()));
     Ok(fd)
 }
 

@@ -65,9 +65,9 @@ impl<M: CommandMethod> CommandTransport<M> {
     /// Hands `image` (a sealed memfd holding the image as shipped) to the child as its
     /// stdin, where the method runs on this host over a socketpair: the first stage then
     /// runs it without an interpreter and without a byte of it crossing the stream, and
-    /// the stream runs over the child's stdout alone. Ignored elsewhere.
-    pub fn hand_over(mut self, image: Arc<OwnedFd>) -> CommandTransport<M> {
-        self.handover = Some(image);
+    /// the stream runs over the child's stdout alone. Ignored elsewhere; `None`: send it.
+    pub fn hand_over(mut self, image: Option<Arc<OwnedFd>>) -> CommandTransport<M> {
+        self.handover = image;
         self
     }
 }
