@@ -27,7 +27,8 @@
 //! **Handed over** ([`Loader::HandedOver`]): a method that runs its command on this host and
 //! passes it our stdin (sudo, doas) gets the image *as* stdin: a sealed, read-only memfd the
 //! master makes once per image. The stream is then the child's stdout alone (a socket works
-//! both ways): the first stage reads its answer there, checks that stdin is a regular file
+//! both ways): the first stage reads its answer there (one blocking `read`: if it fails,
+//! the master is gone and the first stage ends), checks that stdin is a regular file
 //! and stdout a socket (sudo's I/O logging puts pipes in between; the master then starts
 //! it again the usual way), and `exec`s `/proc/self/fd/0`. No interpreter runs, no byte of
 //! the image is sent or copied, and every such child runs the one copy. The agent is told
