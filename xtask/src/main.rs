@@ -665,17 +665,9 @@ fn judge(w: &str, m: &str, pinned: bool, v: f64, med: Lookup<'_>) -> (String, St
             (String::new(), join(vec![Some(verdict(v <= 600.0, "<= 600 ms")), faster("mitogen", 30.0)]))
         }
         ("fanout-200", "child-rss") => (String::new(), verdict(v <= 3.0, "<= 3 MiB")),
-        // The lifecycles against a remote or privileged floor: the difference from the
-        // separate floor run is shown; the verdict is on the paired `extra` (each start
-        // right after one run of the floor), which the VM's drift does not move.
-        ("sudo-lifecycle", "median")
-        | ("sudo-lifecycle-cached", "median")
-        | ("ssh-lifecycle", "median")
-        | ("ssh-lifecycle-cached", "median")
-        | ("libssh2-lifecycle", "median")
-        | ("libssh2-lifecycle-cached", "median") => {
-            let floor = if w.starts_with("sudo") { "floor-sudo" } else { "floor-ssh" };
-            let extra = med("ours", floor, "median", false).map(|f| v - f);
+        ("sudo-lifecycle", "median") | ("sudo-lifecycle-cached", "median") => {
+            // Against the separate floor run: shown, but the verdict is the paired one.
+            let extra = med("ours", "floor-sudo", "median", false).map(|f| v - f);
             (extra.map(|e| format!("{e:+.2} ms")).unwrap_or_default(), String::new())
         }
         ("sudo-lifecycle", "extra") | ("sudo-lifecycle-cached", "extra") => (
@@ -683,14 +675,17 @@ fn judge(w: &str, m: &str, pinned: bool, v: f64, med: Lookup<'_>) -> (String, St
             verdict(v <= 5.0, "within 5 ms of sudo -u USER true (each start next to one)"),
         ),
         ("sudo-bootstrap", "command-line") => (String::new(), verdict(v <= 1024.0, "<= 1 KiB")),
-        ("ssh-lifecycle", "extra")
-        | ("ssh-lifecycle-cached", "extra")
-        | ("libssh2-lifecycle", "extra")
-        | ("libssh2-lifecycle-cached", "extra") => {
+        ("ssh-lifecycle", "median")
+        | ("ssh-lifecycle-cached", "median")
+        | ("libssh2-lifecycle", "median")
+        | ("libssh2-lifecycle-cached", "median") => {
+            let extra = med("ours", "floor-ssh", "median", false).map(|f| v - f);
             let limit = if w.ends_with("-cached") { 10.0 } else { 40.0 };
             (
-                format!("{v:+.2} ms, paired"),
-                verdict(v <= limit, &format!("within {limit} ms of ssh HOST true (each start next to one)")),
+                extra.map(|e| format!("{e:+.2} ms")).unwrap_or_default(),
+                extra
+                    .map(|e| verdict(e <= limit, &format!("within {limit} ms of ssh HOST true")))
+                    .unwrap_or_default(),
             )
         }
         ("ssh-stream-c2p", _) | ("ssh-args-p2c", _) => {

@@ -67,37 +67,6 @@ fn median_ms_of_20(w: &str, mut once: impl FnMut() -> anyhow::Result<()>) -> any
     Ok(())
 }
 
-/// A lifecycle workload measured against its floor in pairs: each of 20 starts (start,
-/// first call, shutdown) runs right after one run of `floor`. Reports the median start and,
-/// as `extra`, the median of the 20 differences, which the machine's drift between
-/// separate runs (several ms for sudo, tens for ssh, on this VM) does not move.
-fn paired_lifecycle(
-    w: &str,
-    mut floor: impl FnMut() -> anyhow::Result<()>,
-    mut start: impl FnMut() -> Result<Context, mitogen::ConnectError>,
-) -> anyhow::Result<()> {
-    // The master hashes its own image once; that is not per-context work.
-    mitogen_child::build_id::current()?;
-    let ms = |t: Instant| micros(t.elapsed()) / 1000.0;
-    let (mut took, mut extra) = (Vec::new(), Vec::new());
-    for _ in 0..20 {
-        let t = Instant::now();
-        floor()?;
-        let base = ms(t);
-        let t = Instant::now();
-        let c = start()?;
-        c.call(echo, (1,))?;
-        c.shutdown(Duration::from_secs(10))?;
-        took.push(ms(t));
-        extra.push(ms(t) - base);
-    }
-    took.sort_by(f64::total_cmp);
-    extra.sort_by(f64::total_cmp);
-    report(w, "median", pct(&took, 0.5), "ms");
-    report(w, "extra", pct(&extra, 0.5), "ms");
-    Ok(())
-}
-
 /// The lifecycle workloads: start a context, first call, shutdown; median of 20.
 fn lifecycle_of(
     w: &str,
@@ -434,7 +403,9 @@ fn floor_sudo() -> anyhow::Result<()> {
     median_ms_of_20("floor-sudo", sudo_true)
 }
 
-/// A sudo context: create, first call, shutdown; paired with `sudo -u USER true`.
+/// A sudo context: create, first call, shutdown; median of 20. Each one also runs next to a
+/// `sudo -u USER true`: `extra` is the median of the 20 differences, which the machine's
+/// drift between separate runs (several ms on this VM) does not move.
 fn sudo_lifecycle(cached: bool) -> anyhow::Result<()> {
     mitogen_tests::accounts::ensure();
     let w = if cached { "sudo-lifecycle-cached" } else { "sudo-lifecycle" };
@@ -446,7 +417,26 @@ fn sudo_lifecycle(cached: bool) -> anyhow::Result<()> {
         // Fill the target's cache once.
         r.sudo(spec())?.shutdown(Duration::from_secs(10))?;
     }
-    paired_lifecycle(w, sudo_true, || r.sudo(spec()))
+    mitogen_child::build_id::current()?;
+    let ms = |t: Instant| micros(t.elapsed()) / 1000.0;
+    let (mut ours, mut extra) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let t = Instant::now();
+        sudo_true()?;
+        let floor = ms(t);
+        let t = Instant::now();
+        let c = r.sudo(spec())?;
+        c.call(echo, (1,))?;
+        c.shutdown(Duration::from_secs(10))?;
+        let took = ms(t);
+        ours.push(took);
+        extra.push(took - floor);
+    }
+    ours.sort_by(f64::total_cmp);
+    extra.sort_by(f64::total_cmp);
+    report(w, "median", pct(&ours, 0.5), "ms");
+    report(w, "extra", pct(&extra, 0.5), "ms");
+    Ok(())
 }
 
 /// What the first stage costs on the wire: sudo's command line; what sudo sends to a
@@ -512,15 +502,12 @@ fn ssh_command(command: &str) -> anyhow::Result<std::process::Command> {
 }
 
 /// The floor for ssh lifecycle: `ssh HOST true`, median of 20.
-/// `ssh HOST true`, once.
-fn ssh_true() -> anyhow::Result<()> {
-    let out = ssh_command("true")?.output()?;
-    anyhow::ensure!(out.status.success(), "ssh HOST true: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
-}
-
 fn floor_ssh() -> anyhow::Result<()> {
-    median_ms_of_20("floor-ssh", ssh_true)
+    median_ms_of_20("floor-ssh", || {
+        let out = ssh_command("true")?.output()?;
+        anyhow::ensure!(out.status.success(), "ssh HOST true: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    })
 }
 
 /// The floor for ssh child -> parent: 256 MiB from `ssh HOST head -c N /dev/zero` (the
@@ -568,5 +555,5 @@ fn ssh_lifecycle(name: &str, spec: impl Fn() -> mitogen::Ssh, cached: bool) -> a
     if cached {
         r.ssh(spec())?.shutdown(Duration::from_secs(10))?;
     }
-    paired_lifecycle(name, ssh_true, || r.ssh(spec()))
+    lifecycle_of(name, || r.ssh(spec()))
 }
