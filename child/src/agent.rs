@@ -174,6 +174,11 @@ pub(crate) fn run(registry: Registry, on_stdout: bool) -> Result<(), AgentError>
         driver: None,
     };
     h.add_stream(conn, parent_id, true, "parent")?;
+    // HELLO before anything can log: the parent reads it as the stream's first frame, and
+    // a record the broker thread forwarded first would take its place.
+    let hello = Hello { build_id: me, pid: std::process::id() };
+    let data = encode_value(&hello).map_err(|e| AgentError::Bootstrap(e.to_string()))?;
+    h.send(Message::new(parent_id, ids::HELLO, Kind::Value, data))?;
 
     let level = level_filter(boot.log_level);
     install_logger(&h, &boot.name, level);
@@ -197,10 +202,6 @@ pub(crate) fn run(registry: Registry, on_stdout: bool) -> Result<(), AgentError>
             }),
         )?;
     }
-
-    let hello = Hello { build_id: me, pid: std::process::id() };
-    let data = encode_value(&hello).map_err(|e| AgentError::Bootstrap(e.to_string()))?;
-    h.send(Message::new(parent_id, ids::HELLO, Kind::Value, data))?;
 
     // Calls run one at a time on the main thread while the broker keeps routing. Waiting
     // for the next call, the main thread reads the parent stream itself (one wake-up per
