@@ -112,9 +112,7 @@ impl SudoOptions {
         cmd.args(&self.extra_args).arg("--").arg("/bin/sh").arg("-c").arg(script);
         cmd
     }
-}
 
-impl SudoOptions {
     /// sudo runs the account's shell (`-i`, `-s`): with `-i` its profile too.
     fn shell_mode(&self) -> bool {
         self.login
