@@ -72,6 +72,7 @@ pub enum Method {
 impl Method {
     /// The transport; `image`, for a method that [`hands_over`](Method::hands_over), is
     /// the image to give the child as its stdin.
+    #[cfg_attr(not(feature = "sudo"), allow(unused_variables))]
     fn transport(
         &self,
         arg0: String,
@@ -85,7 +86,9 @@ impl Method {
                 mitogen_transport_sudo::SudoTransport::new(o.clone(), arg0, image_hash).hand_over(image),
             ),
             #[cfg(feature = "sudo")]
-            Method::Su(o) => Box::new(mitogen_transport_sudo::SuTransport::new(o.clone(), arg0, image_hash)),
+            Method::Su(o) => Box::new(
+                mitogen_transport_sudo::SuTransport::new(o.clone(), arg0, image_hash).hand_over(image),
+            ),
             #[cfg(feature = "sudo")]
             Method::Doas(o) => Box::new(
                 mitogen_transport_sudo::DoasTransport::new(o.clone(), arg0, image_hash).hand_over(image),
@@ -147,15 +150,20 @@ impl Method {
         }
     }
 
-    /// True if the child runs on this host with our socket as its stdout and takes any
-    /// stdin we give it: the image is then handed over as its stdin (a sealed memfd)
-    /// instead of being sent (sudo and doas over a socketpair).
+    /// True if the image is handed over as the child's stdin (a sealed memfd) instead of
+    /// being sent: the method's wiring says so (sudo and doas over a socketpair).
     fn hands_over(&self) -> bool {
+        #[cfg(feature = "sudo")]
+        fn wired<M: mitogen_transport_local::command::CommandMethod>(m: &M) -> bool {
+            m.wiring().is_ok_and(|w| w.hands_over())
+        }
         match self {
             #[cfg(feature = "sudo")]
-            Method::Sudo(o) => !o.pipes,
+            Method::Sudo(o) => wired(o),
             #[cfg(feature = "sudo")]
-            Method::Doas(o) => !o.pipes,
+            Method::Su(o) => wired(o),
+            #[cfg(feature = "sudo")]
+            Method::Doas(o) => wired(o),
             _ => false,
         }
     }

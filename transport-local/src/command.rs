@@ -33,6 +33,14 @@ pub struct Wiring {
     pub description: String,
 }
 
+impl Wiring {
+    /// The image can be handed over as the child's stdin ([`CommandTransport::hand_over`]):
+    /// the command runs on this host and the stream is a socketpair.
+    pub fn hands_over(&self) -> bool {
+        self.same_host && self.data == DataChannel::SocketPair
+    }
+}
+
 /// One command-based connection method, as its options.
 pub trait CommandMethod: std::fmt::Debug + Clone + Send {
     /// The method's name (`sudo`, `ssh`, ...).
@@ -80,7 +88,7 @@ impl<M: CommandMethod + 'static> Transport for CommandTransport<M> {
     fn start(&mut self, deadline: Instant) -> Result<Connection, StartError> {
         let w = self.method.wiring()?;
         let handover = match &self.handover {
-            Some(fd) if w.same_host && w.data == DataChannel::SocketPair => Some(fd.try_clone()?),
+            Some(fd) if w.hands_over() => Some(fd.try_clone()?),
             _ => None,
         };
         let stage = FirstStage {

@@ -74,12 +74,15 @@ fn lifecycle_of(
 ) -> anyhow::Result<()> {
     // The master hashes its own image once; that is not per-context work.
     mitogen_child::build_id::current()?;
-    median_ms_of_20(w, || {
-        let c = start()?;
-        c.call(echo, (1,))?;
-        c.shutdown(Duration::from_secs(10))?;
-        Ok(())
-    })
+    median_ms_of_20(w, || life(&mut start))
+}
+
+/// One lifecycle: start a context, first call, shutdown.
+fn life(start: &mut impl FnMut() -> Result<Context, mitogen::ConnectError>) -> anyhow::Result<()> {
+    let c = start()?;
+    c.call(echo, (1,))?;
+    c.shutdown(Duration::from_secs(10))?;
+    Ok(())
 }
 
 const MIB: usize = 1 << 20;
@@ -425,9 +428,7 @@ fn sudo_lifecycle(cached: bool) -> anyhow::Result<()> {
         sudo_true()?;
         let floor = ms(t);
         let t = Instant::now();
-        let c = r.sudo(spec())?;
-        c.call(echo, (1,))?;
-        c.shutdown(Duration::from_secs(10))?;
+        life(&mut || r.sudo(spec()))?;
         let took = ms(t);
         ours.push(took);
         extra.push(took - floor);
