@@ -1,7 +1,8 @@
 use crate::{agent, ssh};
 use mitogen::{ConnectError, Container, Router, Sudo};
-use mitogen_tests::e2e::E2e;
+use mitogen_tests::e2e::{E2e, PrivateHost};
 use mitogen_tests::*;
+use std::time::Duration;
 
 #[test]
 fn docker_exec_into_containers_as_an_account() {
@@ -35,7 +36,7 @@ fn podman_exec_into_a_container_as_root_and_as_an_account() {
     let c = r.container(Container::podman(&name).username("mitogen-test-key").program(agent())).unwrap();
     let out = c.call(mitogen::builtins::run_command, (vec!["id".into(), "-un".into()],)).unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "mitogen-test-key");
-    c.shutdown(std::time::Duration::from_secs(10)).unwrap();
+    c.shutdown(Duration::from_secs(10)).unwrap();
     // The account's agent is gone (bounded wait: its exit is reaped by podman), the root
     // one still runs.
     let agents = || {
@@ -49,9 +50,9 @@ fn podman_exec_into_a_container_as_root_and_as_an_account() {
             .map(|l| l.split_whitespace().next().unwrap().to_string())
             .collect::<Vec<_>>()
     };
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let until = std::time::Instant::now() + Duration::from_secs(5);
     while agents() != ["root"] && std::time::Instant::now() < until {
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(agents(), ["root"]);
 }
@@ -68,26 +69,39 @@ fn a_missing_container_is_a_typed_error() {
     }
 }
 
+/// A call hangs in `c`; `fault` breaks its container's host; the call must fail as
+/// disconnected within `bound`, later calls say "no route", and no child is left a zombie
+/// once `reaped` has passed.
+fn pending_call_fails_when(
+    c: &mitogen::Context,
+    h: &PrivateHost,
+    fault: impl FnOnce(&PrivateHost),
+    bound: Duration,
+    reaped: Duration,
+) {
+    let mut pending = c.call_async(hang, ()).unwrap();
+    let t = std::time::Instant::now();
+    fault(h);
+    let err = pending.get(Some(Duration::from_secs(30))).unwrap_err();
+    assert_eq!(err.dead_reason(), Some(mitogen::DeadReason::Disconnected), "{err:?}");
+    assert!(t.elapsed() < bound, "{:?}", t.elapsed());
+    assert_eq!(c.call(add, (1, 1)).unwrap_err().dead_reason(), Some(mitogen::DeadReason::NoRoute));
+    assert_eq!(zombies_after(reaped), 0);
+}
+
 #[test]
 fn container_paused_mid_call_fails_within_the_heartbeat_bound() {
     let e = E2e::get();
     let h = e.private_host("dpause");
     let r = Router::new().unwrap();
-    let beat = Some(std::time::Duration::from_secs(1));
+    let beat = Some(Duration::from_secs(1));
     let c = r.container(Container::docker(h.container()).program(agent()).heartbeat(beat, 2)).unwrap();
     // Idle past the bound while healthy: kept.
-    std::thread::sleep(std::time::Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(4));
     assert_eq!(c.call(add, (1, 2)).unwrap(), 3);
-    let mut pending = c.call_async(hang, ()).unwrap();
-    let t = std::time::Instant::now();
-    // `docker exec`'s client and its pipes stay up: only the heartbeat can tell.
-    h.pause();
-    let err = pending.get(Some(std::time::Duration::from_secs(30))).unwrap_err();
-    assert_eq!(err.dead_reason(), Some(mitogen::DeadReason::Disconnected), "{err:?}");
-    // 1 s x (2 + 1) of silence, checked once a second.
-    assert!(t.elapsed() < std::time::Duration::from_secs(6), "{:?}", t.elapsed());
-    assert_eq!(c.call(add, (1, 1)).unwrap_err().dead_reason(), Some(mitogen::DeadReason::NoRoute));
-    assert_eq!(zombies_after(std::time::Duration::from_secs(6)), 0);
+    // `docker exec`'s client and its pipes stay up: only the heartbeat can tell. 1 s x (2 +
+    // 1) of silence, checked once a second.
+    pending_call_fails_when(&c, &h, |h| h.pause(), Duration::from_secs(6), Duration::from_secs(6));
 }
 
 #[test]
@@ -96,14 +110,7 @@ fn container_killed_mid_call_fails_the_pending_call() {
     let h = e.private_host("dkill");
     let r = Router::new().unwrap();
     let c = r.container(Container::docker(h.container()).program(agent())).unwrap();
-    let mut pending = c.call_async(hang, ()).unwrap();
-    let t = std::time::Instant::now();
-    h.kill();
-    let err = pending.get(Some(std::time::Duration::from_secs(30))).unwrap_err();
-    assert_eq!(err.dead_reason(), Some(mitogen::DeadReason::Disconnected), "{err:?}");
-    assert!(t.elapsed() < std::time::Duration::from_secs(10), "{:?}", t.elapsed());
-    assert_eq!(c.call(add, (1, 1)).unwrap_err().dead_reason(), Some(mitogen::DeadReason::NoRoute));
-    assert_eq!(zombies_after(std::time::Duration::from_secs(2)), 0);
+    pending_call_fails_when(&c, &h, |h| h.kill(), Duration::from_secs(10), Duration::from_secs(2));
 }
 
 per_backend! {
