@@ -97,6 +97,19 @@ fn read_bootstrap(fd: &OwnedFd) -> Result<Bootstrap, AgentError> {
     decode_value(&m.data).map_err(|e| AgentError::Bootstrap(e.to_string()))
 }
 
+/// An agent in another account inherits a working directory it may not enter (a home
+/// folder of mode 0700): every relative path, and every command it runs, would fail there
+/// with a bare "Permission denied". It moves to its own home, or `/`, instead.
+/// Returns where it moved to.
+fn leave_closed_cwd() -> Option<std::path::PathBuf> {
+    // chdir needs search permission on the target: "." tests exactly that.
+    if std::env::set_current_dir(".").is_ok() {
+        return None;
+    }
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    home.into_iter().chain([std::path::PathBuf::from("/")]).find(|dir| std::env::set_current_dir(dir).is_ok())
+}
+
 fn set_thread_name(name: &str) {
     // comm is limited to 15 bytes; keep the informative tail.
     let short: String = name.chars().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
@@ -118,6 +131,7 @@ pub(crate) fn run(registry: Registry, on_stdout: bool) -> Result<(), AgentError>
     };
     set_thread_name(&boot.name);
     install_panic_hook();
+    let moved = leave_closed_cwd();
 
     // stdin becomes /dev/null; stdout and stderr become pipes read by the broker, so
     // nothing the agent or its subprocesses print can corrupt the message stream.
@@ -182,6 +196,9 @@ pub(crate) fn run(registry: Registry, on_stdout: bool) -> Result<(), AgentError>
 
     let level = level_filter(boot.log_level);
     install_logger(&h, &boot.name, level);
+    if let Some(dir) = moved {
+        log::debug!("the inherited working directory is closed to this account: moved to {}", dir.display());
+    }
     for (fd, target) in [(out_r, "stdout"), (err_r, "stderr")] {
         let name = boot.name.clone();
         let forward = level >= log::LevelFilter::Info;

@@ -173,12 +173,32 @@ impl Method {
         self.program().cloned().unwrap_or_else(|| PathBuf::from(mitogen_transport_local::SELF_EXE))
     }
 
-    /// The build id the new agent must report.
-    fn expected_build_id(&self) -> std::io::Result<String> {
+    /// The build id the new agent must report. Reading the image can fail (another
+    /// account's private folder): the error names the path.
+    fn expected_build_id(&self) -> Result<String, ConnectError> {
         match self.program() {
             None => build_id::current().map(str::to_string),
             Some(p) => build_id::of_image(p),
         }
+        .map_err(|source| ConnectError::Image { path: self.image(), source })
+    }
+
+    /// Names the program the new agent runs (`None`: this one).
+    fn set_program(&mut self, program: Option<PathBuf>) {
+        let slot = match self {
+            Method::Local(o) => &mut o.program,
+            #[cfg(feature = "sudo")]
+            Method::Sudo(o) => &mut o.program,
+            #[cfg(feature = "sudo")]
+            Method::Su(o) => &mut o.program,
+            #[cfg(feature = "sudo")]
+            Method::Doas(o) => &mut o.program,
+            #[cfg(feature = "ssh")]
+            Method::Ssh(o) => &mut o.program,
+            #[cfg(feature = "container")]
+            Method::Container(o) => &mut o.program,
+        };
+        *slot = program;
     }
 
     fn program(&self) -> Option<&PathBuf> {
@@ -283,6 +303,14 @@ pub enum ConnectError {
         /// What went wrong there.
         message: String,
     },
+    /// The agent image could not be read (to hash or to send it).
+    #[error("cannot read the agent image {}: {source}", .path.display())]
+    Image {
+        /// The image's path in the connecting context.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
     /// Local I/O failed while talking to the child.
     #[error("I/O error during bootstrap: {0}")]
     Io(#[from] std::io::Error),
@@ -332,6 +360,10 @@ pub(crate) fn connect(
     id: ContextId,
     inherited: &Inherited,
 ) -> Result<Context, ConnectError> {
+    // Refused before anything is started: a child connected now could never be served.
+    if broker.is_shutting_down() {
+        return Err(ConnectError::Broker(BrokerError::Shutdown));
+    }
     // Where no sealed executable memfd can be made, the image is sent instead.
     let mut image = method.hands_over().then(|| image_memfd(&method.image())).and_then(|r| {
         r.inspect_err(|e| log::debug!("the image cannot be handed over ({e}): it is sent")).ok()
@@ -836,7 +868,8 @@ fn first_stage(
     let loader = stage1::choose(&report);
     let payload = match loader {
         Loader::Cached | Loader::HandedOver => Arc::new(Vec::new()),
-        _ => image_payload(image, loader.encoding())?,
+        _ => image_payload(image, loader.encoding())
+            .map_err(|source| ConnectError::Image { path: image.to_path_buf(), source })?,
     };
     log::debug!("first stage on {} {}: {loader:?}, {} bytes", report.os, report.arch, payload.len());
     let answer = stage1::answer(loader, payload.len(), &report.arch, cache);
@@ -890,7 +923,7 @@ fn image_memfd(path: &Path) -> std::io::Result<Arc<OwnedFd>> {
 }
 
 /// The image as sent for `encoding`, prepared once per image and kept while it is unchanged.
-fn image_payload(path: &Path, encoding: stage1::Encoding) -> Result<Arc<Vec<u8>>, ConnectError> {
+fn image_payload(path: &Path, encoding: stage1::Encoding) -> std::io::Result<Arc<Vec<u8>>> {
     type Key = (PathBuf, bool, u64, std::time::SystemTime);
     static CACHE: OnceLock<Mutex<HashMap<Key, Arc<Vec<u8>>>>> = OnceLock::new();
     let meta = std::fs::metadata(path)?;
@@ -920,6 +953,10 @@ pub(crate) struct ConnectRequest {
     pub id: ContextId,
     pub method: Method,
     pub opts: ConnectOptions,
+    /// The build id of the method's `program`, where the requester could read it. An
+    /// intermediary running that same image starts its own (`/proc/self/exe`) instead of
+    /// opening the path, which may not exist there or be closed to its account.
+    pub program_id: Option<String>,
 }
 
 /// Successful answer to a [`ConnectRequest`].
@@ -936,7 +973,8 @@ pub fn connect_via(
     opts: &ConnectOptions,
     id: ContextId,
 ) -> Result<Context, ConnectError> {
-    let req = ConnectRequest { id, method: method.clone(), opts: opts.clone() };
+    let program_id = method.program().and_then(|p| build_id::of_image(p).ok());
+    let req = ConnectRequest { id, method: method.clone(), opts: opts.clone(), program_id };
     let data = encode_value(&req).map_err(|e| ConnectError::Protocol(e.to_string()))?;
     let broker = via.broker();
     let mut rx: mitogen_core::Receiver<Result<ConnectReply, String>> =
@@ -957,9 +995,14 @@ pub(crate) fn serve_connect(b: &BrokerHandle, m: Message, inherited: Inherited) 
     let b = b.clone();
     let spawned = std::thread::Builder::new().name("mitogen-connect".into()).spawn(move || {
         let result = match decode_value::<ConnectRequest>(&m.data) {
-            Ok(req) => connect(&b, &req.method, &req.opts, req.id, &inherited)
-                .map(|ctx| ConnectReply { name: ctx.name().to_string() })
-                .map_err(|e| e.to_string()),
+            Ok(mut req) => {
+                if req.program_id.is_some() && req.program_id.as_deref() == build_id::current().ok() {
+                    req.method.set_program(None);
+                }
+                connect(&b, &req.method, &req.opts, req.id, &inherited)
+                    .map(|ctx| ConnectReply { name: ctx.name().to_string() })
+                    .map_err(|e| e.to_string())
+            }
             Err(e) => Err(format!("malformed connect request: {e}")),
         };
         if let Ok(data) = encode_value(&result) {

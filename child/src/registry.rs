@@ -3,7 +3,7 @@
 use mitogen_core::call::{decode_request_name, RemoteErrorKind};
 use mitogen_core::channel::decode_with;
 use mitogen_core::codec::encode_value;
-use mitogen_core::{BrokerHandle, Kind, Message, RemoteError, RemoteFn};
+use mitogen_core::{BrokerError, BrokerHandle, Kind, Message, RemoteError, RemoteFn};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
@@ -77,8 +77,28 @@ impl Registry {
                 encode_value(&Err::<(), RemoteError>(e)).expect("a RemoteError always encodes")
             }
         };
-        if m.reply_to != mitogen_core::ids::NO_REPLY {
-            let _ = b.send(m.reply(Kind::Value, payload));
+        if m.reply_to == mitogen_core::ids::NO_REPLY {
+            return;
+        }
+        match b.send(m.reply(Kind::Value, payload)) {
+            Ok(()) => {}
+            // The caller must not wait forever for a reply that cannot leave: it gets
+            // this error instead (small, so it always fits).
+            Err(BrokerError::TooLarge { len, max }) => {
+                let e = RemoteError {
+                    kind: RemoteErrorKind::ResultTooLarge { len: len as u64, max },
+                    type_name: "ResultTooLarge".into(),
+                    message: format!("the result is {len} bytes, more than max_message_size ({max} bytes)"),
+                    backtrace: String::new(),
+                    context: context_name.to_string(),
+                };
+                let payload = encode_value(&Err::<(), RemoteError>(e)).expect("a RemoteError always encodes");
+                if let Err(e) = b.send(m.reply(Kind::Value, payload)) {
+                    log::error!("cannot reply to a call: {e}");
+                }
+            }
+            // Shutting down: the caller is woken by the disconnect.
+            Err(e) => log::debug!("cannot reply to a call: {e}"),
         }
     }
 

@@ -40,6 +40,14 @@ pub enum RemoteErrorKind {
     UnknownFunction,
     /// The arguments did not decode as the function's argument type.
     BadArguments,
+    /// The function ran, but its encoded result is larger than `max_message_size`, so it
+    /// could not be sent back.
+    ResultTooLarge {
+        /// Size of the encoded result.
+        len: u64,
+        /// The limit.
+        max: u32,
+    },
 }
 
 /// An error raised in another context, carried back to the caller.
@@ -95,6 +103,7 @@ impl fmt::Display for RemoteError {
             RemoteErrorKind::Panicked => "panic",
             RemoteErrorKind::UnknownFunction => "unknown function",
             RemoteErrorKind::BadArguments => "bad arguments",
+            RemoteErrorKind::ResultTooLarge { .. } => "result too large",
         };
         write!(f, "{what} in context {}: {}: {}", self.context, self.type_name, self.message)
     }
@@ -107,6 +116,15 @@ pub enum CallError {
     /// The remote function failed, panicked, was unknown, or refused its arguments.
     #[error("{0}")]
     Remote(RemoteError),
+    /// A message this context was about to send (the arguments, a value on a channel) is
+    /// larger than `max_message_size`; nothing was sent.
+    #[error("message too large ({len} bytes, max {max} bytes)")]
+    TooLarge {
+        /// Size of the encoded message.
+        len: u64,
+        /// The limit.
+        max: u32,
+    },
     /// A dead message came back: no route, refused, disconnected, too large...
     #[error("{reason}: {message}")]
     Dead {
@@ -141,10 +159,7 @@ impl CallError {
     /// Maps a failed local send.
     pub(crate) fn from_send(e: crate::broker::BrokerError) -> CallError {
         match e {
-            crate::broker::BrokerError::TooLarge { max, .. } => CallError::Dead {
-                reason: DeadReason::TooLarge,
-                message: format!("message too large (max {max} bytes)"),
-            },
+            crate::broker::BrokerError::TooLarge { len, max } => CallError::TooLarge { len: len as u64, max },
             _ => CallError::Shutdown,
         }
     }

@@ -170,6 +170,61 @@ mitogen::remote_fn! {
     }
 }
 
+mitogen::remote_fn! {
+    /// Returns `len` zero bytes (a result as large as asked).
+    pub fn zeros(len: u64) -> Bytes { Bytes(vec![0; len as usize]) }
+}
+
+mitogen::remote_fn! {
+    /// Writes `bytes` raw onto the stream to this agent's parent, bypassing the broker (a
+    /// corrupt frame, for fault tests), then returns.
+    pub fn write_parent_stream(bytes: Vec<u8>) -> Result<(), std::io::Error> {
+        let fd = socket_fds().into_iter().next().ok_or(std::io::ErrorKind::NotFound)?;
+        write_raw(fd, &bytes)
+    }
+}
+
+mitogen::remote_fn! {
+    /// The agent's working directory, and whether it can enter it.
+    pub fn working_dir() -> (String, bool) {
+        let cwd = std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default();
+        (cwd, std::env::set_current_dir(".").is_ok())
+    }
+}
+
+/// This process's socket descriptors, lowest first. In an agent without children the only
+/// sockets are its parent stream; in a test process (one per test under nextest) with
+/// one local child, they are the stream to that child.
+pub fn socket_fds() -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")))
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort();
+    fds
+}
+
+/// Writes all of `bytes` to the descriptor `fd` (which may be non-blocking).
+pub fn write_raw(fd: i32, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        // SAFETY: writing from a valid slice to a descriptor this process owns.
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock) {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            return Err(e);
+        }
+        bytes = &bytes[n as usize..];
+    }
+    Ok(())
+}
+
 /// The registry of the test agent.
 pub fn registry() -> mitogen::Registry {
     mitogen::Registry::new()
@@ -189,6 +244,9 @@ pub fn registry() -> mitogen::Registry {
         .register(uids)
         .register(whoami)
         .register(image_seals)
+        .register(zeros)
+        .register(write_parent_stream)
+        .register(working_dir)
 }
 
 /// Snapshot of this process's resources, for leak checks.

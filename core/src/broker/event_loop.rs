@@ -162,9 +162,9 @@ impl Loop {
                     self.timers.push(Reverse((at, id)));
                     self.timer_fns.insert(id, f);
                 }
-                Command::CloseStream(s) => {
+                Command::CloseStream(s, why) => {
                     if let Some(k) = self.key_of(s) {
-                        self.lose(k, "closed on request");
+                        self.lose(k, &why);
                     }
                 }
                 Command::Shutdown => self.start_shutdown(),

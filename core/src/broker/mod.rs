@@ -134,8 +134,8 @@ pub(crate) enum Command {
     AddDriver(Box<dyn Driver>),
     /// Run a callback at a time.
     Timer { at: Instant, f: Deferred },
-    /// Close a stream as if it had hit end of file.
-    CloseStream(StreamId),
+    /// Close a stream as if it had hit end of file, saying why.
+    CloseStream(StreamId, String),
     /// Begin the bounded shutdown.
     Shutdown,
 }
@@ -430,7 +430,14 @@ impl BrokerHandle {
         parent: bool,
         name: &str,
     ) -> Result<StreamId, BrokerError> {
-        self.check_running()?;
+        if let Err(e) = self.check_running() {
+            // Nobody would ever reap it: end the process here, not as a zombie later.
+            if let Some(mut p) = conn.process {
+                let _ = p.kill();
+                let _ = p.wait();
+            }
+            return Err(e);
+        }
         sys::set_nonblocking(conn.read.as_fd())?;
         sys::set_nonblocking(conn.write.as_fd())?;
         let (stream, key, rx, resolved) = {
@@ -521,7 +528,7 @@ impl BrokerHandle {
                 self.shared.cfg.name,
                 rx.name
             );
-            self.command(Command::CloseStream(stream));
+            self.command(Command::CloseStream(stream, format!("silent for {silent:.1?}")));
             return;
         }
         if silent >= interval {
@@ -537,7 +544,7 @@ impl BrokerHandle {
             core.router.child_streams().into_iter().find(|s| core.router.stream_remote(*s) == Some(remote))
         };
         if let Some(s) = stream {
-            self.command(Command::CloseStream(s));
+            self.command(Command::CloseStream(s, "closed on request".into()));
         }
     }
 

@@ -231,9 +231,14 @@ pub(crate) fn wait(
             // SAFETY: reading 8 bytes into a valid u64 from our eventfd.
             unsafe { libc::read(waker.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
         }
-        if fds[0].revents != 0 && rx.read_and_route(h).is_some() {
-            // Lost: the broker sees the same end of file once the stream is handed back.
-            break;
+        if fds[0].revents != 0 {
+            if let Some(why) = rx.read_and_route(h) {
+                // Lost. The broker may never read this stream again (a corrupt frame
+                // followed by silence leaves nothing to wake it), so it is told: it closes
+                // the stream, which wakes every waiter and deletes the routes behind it.
+                h.command(super::Command::CloseStream(rx.stream, why));
+                break;
+            }
         }
         if rx.in_large_body() {
             // Bulk data: the broker thread reads it while this thread waits (or works);

@@ -143,7 +143,7 @@ fn oversized_message_gets_a_dead_reply_and_limit_is_inherited() {
     let r = Router::with_options(opts).unwrap();
     let c = local(&r);
     let err = c.call(echo, (Bytes(vec![0; 2 << 20]),)).unwrap_err();
-    assert_eq!(err.dead_reason(), Some(DeadReason::TooLarge), "{err:?}");
+    assert!(matches!(err, CallError::TooLarge { max: 1048576, .. }), "{err:?}");
     assert!(err.to_string().contains("max 1048576 bytes"), "{err}");
     // The child inherited the limit: its oversized reply is refused there.
     let g = local_via(&r, &c);

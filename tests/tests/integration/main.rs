@@ -15,6 +15,7 @@ mod bootstrap;
 mod calls;
 mod driver;
 mod faults;
+mod hangs;
 mod lifecycle;
 mod logs;
 mod routing;

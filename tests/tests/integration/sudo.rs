@@ -340,3 +340,42 @@ fn sudo_over_pipes() {
     let data = mitogen::Bytes(block(5, 6, 2 << 20));
     assert_eq!(a.call(echo, (data.clone(),)).unwrap(), data);
 }
+
+/// A program run from a folder other accounts cannot enter (mode 0700, as a home folder
+/// often is), with that folder as its working directory: contexts in other accounts never
+/// open the program's path or enter its folder, directly or onward. Where an image there
+/// really is needed (another program than the one running), the error names the path.
+#[test]
+fn a_program_in_a_private_folder_works_through_sudo_su_and_doas() {
+    use std::os::unix::fs::PermissionsExt;
+    ensure_doas();
+    let dir = std::env::temp_dir().join(format!("mitogen-private-{}", std::process::id()));
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let program = dir.join("agent");
+    std::fs::copy(agent(), &program).unwrap();
+    let other = dir.join("other-agent");
+    std::fs::copy(env!("CARGO_BIN_EXE_mitogen-bench"), &other).unwrap();
+    std::env::set_current_dir(&dir).unwrap();
+    let r = Router::new().unwrap();
+    let timeout = Duration::from_secs(20);
+    let a = r.sudo(Sudo::new().username(USER_A).program(&program).connect_timeout(timeout)).unwrap();
+    let (cwd, entered) = a.call(working_dir, ()).unwrap();
+    assert!(entered && !cwd.starts_with(&dir.display().to_string()), "{cwd} {entered}");
+    let la = r.local(Local::new().program(&program).via(&a).connect_timeout(timeout)).unwrap();
+    assert_eq!(la.call(uids, ()).unwrap().0, uid_of(USER_A));
+    assert!(la.call(working_dir, ()).unwrap().1);
+    let c = r.sudo(Sudo::new().username(USER_C).program(&program).via(&a).connect_timeout(timeout)).unwrap();
+    assert_eq!(c.call(uids, ()).unwrap().0, uid_of(USER_C));
+    assert!(c.call(working_dir, ()).unwrap().1);
+    let b = Doas::new().username(USER_B).password(PW_A).program(&program).via(&a).connect_timeout(timeout);
+    let b = r.doas(b).unwrap();
+    assert_eq!(b.call(uids, ()).unwrap().0, uid_of(USER_B));
+    let s = r.su(Su::new().username(USER_B).password(PW_B).program(&program).via(&a).connect_timeout(timeout));
+    assert_eq!(s.unwrap().call(uids, ()).unwrap().0, uid_of(USER_B));
+    // Another image in the private folder: A cannot read it, and says which path.
+    let err = r.sudo(Sudo::new().username(USER_C).program(&other).via(&a).connect_timeout(timeout)).unwrap_err();
+    assert_via_error(err, &format!("sudo.{USER_A}"), &format!("cannot read the agent image {}", other.display()), PW_B);
+    drop(r);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
