@@ -1013,3 +1013,15 @@ pub(crate) fn serve_connect(b: &BrokerHandle, m: Message, inherited: Inherited) 
         log::error!("cannot start a connect thread: {e}");
     }
 }
+
+/// Decodes `data` as every control message of the connect handshake (bootstrap, hello,
+/// connect request and reply), as an agent or an intermediary would; for the fuzzers.
+/// True if any of them decoded.
+#[doc(hidden)]
+pub fn decode_control_messages(data: &[u8]) -> bool {
+    let boot = decode_value::<Bootstrap>(data).is_ok();
+    let hello = decode_value::<Hello>(data).is_ok();
+    let req = decode_value::<ConnectRequest>(data).is_ok();
+    let reply = decode_value::<Result<ConnectReply, String>>(data).is_ok();
+    boot || hello || req || reply
+}

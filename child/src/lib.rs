@@ -19,6 +19,8 @@ mod connect;
 mod registry;
 
 pub use agent::AgentError;
+#[doc(hidden)]
+pub use connect::decode_control_messages;
 pub use connect::{connect_via, ConnectError, ConnectOptions, Method};
 pub use registry::Registry;
 

@@ -54,13 +54,30 @@ pub enum CodecError {
     },
 }
 
-/// Upper bound bincode may claim for any one container while decoding. Frames are already
-/// bounded by `max_message_size`, and no container can be larger than its frame; this stops
-/// a hostile length prefix from allocating before the read fails.
+/// Largest input [`decode_prefix`] accepts (and the most bincode may claim for it).
 const DECODE_LIMIT: usize = 1 << 30;
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<DECODE_LIMIT>()
+}
+
+/// Decodes with a claim limit (what bincode may allocate for strings and byte blocks,
+/// before it reads them) in proportion to the input: the smallest of 64 KiB, 1 MiB,
+/// 16 MiB, 256 MiB and [`DECODE_LIMIT`] that holds the whole input. Every byte block a
+/// valid input holds is in the input, so valid data always fits; a hostile length prefix
+/// in a small frame (10 bytes claiming a 1 GiB string) is refused before it allocates:
+/// at most 16 times the input, or 64 KiB, is ever claimed. (bincode's limit is a
+/// constant, hence the tiers.)
+fn decode_limited<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), bincode::error::DecodeError> {
+    use bincode::serde::decode_from_slice as dec;
+    let std = bincode::config::standard();
+    match bytes.len() {
+        0..=0xFFFF => dec(bytes, std.with_limit::<0x1_0000>()),
+        0x1_0000..=0xF_FFFF => dec(bytes, std.with_limit::<0x10_0000>()),
+        0x10_0000..=0xFF_FFFF => dec(bytes, std.with_limit::<0x100_0000>()),
+        0x100_0000..=0xFFF_FFFF => dec(bytes, std.with_limit::<0x1000_0000>()),
+        _ => dec(bytes, config()),
+    }
 }
 
 /// Encodes `value` with bincode 2 into a new buffer.
@@ -83,7 +100,7 @@ pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), Co
             detail: "input larger than the decode limit".into(),
         });
     }
-    bincode::serde::decode_from_slice(bytes, config())
+    decode_limited(bytes)
         .map_err(|e| CodecError::Decode { type_name: std::any::type_name::<T>(), detail: e.to_string() })
 }
 
@@ -355,6 +372,22 @@ mod tests {
         let bytes = [253u8, 0, 0, 0, 0, 0, 1, 0, 0];
         let err = decode_value::<String>(&bytes).unwrap_err();
         assert!(matches!(err, CodecError::Decode { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_claim_larger_than_the_input_allows_is_refused_before_allocating() {
+        // A String claiming 600 MB in a 9-byte payload: within the 1 GiB limit for any
+        // input, but far more than 16 times this one (found by the value_decode fuzzer).
+        let mut bytes = vec![253u8];
+        bytes.extend_from_slice(&600_000_000u64.to_le_bytes());
+        let err = decode_value::<String>(&bytes).unwrap_err();
+        assert!(err.to_string().contains("LimitExceeded"), "{err}");
+        // Valid large blocks still decode, in every tier.
+        for len in [0, 0xFFF0, 0x1_0000, 3 << 20, 17 << 20] {
+            let v = vec![7u8; len];
+            let enc = encode_value(&crate::Bytes(v.clone())).unwrap();
+            assert_eq!(decode_value::<crate::Bytes>(&enc).unwrap().0, v, "{len}");
+        }
     }
 
     #[test]
