@@ -399,7 +399,46 @@ mod tests {
         assert!(decode_value::<(String, Vec<u32>, Option<i64>)>(&bytes).is_err());
     }
 
+    /// What a decoder makes of `bytes` fed in chunks of the sizes in `cuts` (in turn).
+    fn decode_chunked(bytes: &[u8], cuts: &[usize], max: u32) -> (Vec<Message>, Option<FrameError>) {
+        let mut d = Decoder::new(max);
+        let mut out = Vec::new();
+        let mut pos = 0;
+        for cut in cuts.iter().cycle() {
+            if pos >= bytes.len() {
+                break;
+            }
+            let n = (*cut).min(bytes.len() - pos);
+            if let Err(e) = d.feed(&bytes[pos..pos + n], &mut out) {
+                return (out, Some(e));
+            }
+            pos += n;
+        }
+        (out, None)
+    }
+
     proptest! {
+        /// Arbitrary bytes (garbage, or valid frames with garbage spliced in), cut into
+        /// arbitrary chunks: never a panic, the outcome does not depend on the cuts, and
+        /// no message is over the limit. (The fuzz target `frame_decoder` does the same
+        /// with coverage guidance; this keeps plain `cargo test` covering it.)
+        #[test]
+        fn arbitrary_bytes_in_arbitrary_chunks(
+            frames in proptest::collection::vec((0usize..300, any::<u8>()), 0..4),
+            garbage in proptest::collection::vec(any::<u8>(), 0..200),
+            at in any::<usize>(),
+            cuts in proptest::collection::vec(1usize..100, 1..16),
+        ) {
+            let mut bytes: Vec<u8> = frames.iter().flat_map(|&(n, s)| msg(n, s).to_frame()).collect();
+            let at = if bytes.is_empty() { 0 } else { at % bytes.len() };
+            bytes.splice(at..at, garbage);
+            let max = 256;
+            let whole = decode_chunked(&bytes, &[usize::MAX], max);
+            let cut = decode_chunked(&bytes, &cuts, max);
+            prop_assert_eq!(&whole, &cut);
+            prop_assert!(whole.0.iter().all(|m| m.data.len() <= max as usize));
+        }
+
         /// Any sequence of frames, cut into arbitrary chunks, decodes to the same messages.
         #[test]
         fn round_trip_under_arbitrary_chunking(

@@ -4,6 +4,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod accounts;
+pub mod chaos;
 pub mod e2e;
 pub mod sim;
 

@@ -13,11 +13,19 @@
 //!   engine or with `MITOGEN_E2E_HOSTS=netns`), run the e2e tests, remove the hosts.
 //! - `host <verb> ...`: act on the e2e hosts (exec, kill, pause, cut off...); the tests use
 //!   it, see `e2e::host_command`.
+//! - `fuzz [--smoke] [--runs N] [TARGET...]`: the cargo-fuzz targets (nightly), 10 million
+//!   executions each or 30 s each with `--smoke`, under memory limits (see `fuzz.rs`).
+//! - `chaos [--seed N] [--secs S]`: the seeded chaos run over ~30 local contexts
+//!   (`mitogen_tests::chaos`): faults while calls and streams run; nothing may hang or leak.
+//! - `soak [--local N] [--sudo N]`: connect/call/shutdown cycles (10,000 local and 1,000
+//!   sudo by default; sudo needs the test accounts: CI=true or MITOGEN_TEST_ACCOUNTS=1),
+//!   sampling the master's fds, threads, zombies and RSS; fails on growth.
 //! - `ci`: fmt check, clippy, invariants, docs, then `test`.
 
 #![allow(clippy::disallowed_methods)]
 
 mod e2e;
+mod fuzz;
 mod netns;
 
 use anyhow::{bail, Context, Result};
@@ -52,7 +60,10 @@ fn main() -> Result<()> {
         Some("dist") => dist(),
         Some("e2e") => e2e_only(&args[1..]),
         Some("host") => e2e::host_command(&root(), &args[1..]),
-        _ => bail!("usage: cargo xtask <test | e2e [--keep] | host VERB ... | dist | bench [--quick] [--reps N] [--json FILE] [--systems LIST] | check-invariants | ci>"),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("chaos") => test_program("mitogen-chaos", &args[1..]),
+        Some("soak") => test_program("mitogen-soak", &args[1..]),
+        _ => bail!("usage: cargo xtask <test | e2e [--keep] | host VERB ... | dist | fuzz [--smoke] [--runs N] [TARGET...] | chaos [--seed N] [--secs S] | soak [--local N] [--sudo N] | bench [--quick] [--reps N] [--json FILE] [--systems LIST] | check-invariants | ci>"),
     }
 }
 
@@ -121,6 +132,12 @@ fn e2e_only(args: &[String]) -> Result<()> {
         e2e::teardown(&root());
     }
     result
+}
+
+/// Builds the test programs and runs `name` (a binary of mitogen-tests) with `args`.
+fn test_program(name: &str, args: &[String]) -> Result<()> {
+    run(cargo().args(["build", "-p", "mitogen-tests", "--bins"]))?;
+    run(Command::new(root().join("target/debug").join(name)).args(args))
 }
 
 fn dist() -> Result<()> {

@@ -13,6 +13,7 @@
 
 mod bootstrap;
 mod calls;
+mod chaos;
 mod driver;
 mod faults;
 mod hangs;
