@@ -202,16 +202,18 @@ pub(crate) fn run(registry: Registry, on_stdout: bool) -> Result<(), AgentError>
     for (fd, target) in [(out_r, "stdout"), (err_r, "stderr")] {
         let name = boot.name.clone();
         let forward = level >= log::LevelFilter::Info;
+        let room = log_room(boot.max_message_size);
         h.add_line_reader(
             fd,
             Box::new(move |b, line| {
                 if let (Some(line), true) = (line, forward) {
-                    let rec = LogRecord {
+                    let mut rec = LogRecord {
                         context: name.clone(),
                         level: level_to_u8(log::Level::Info),
                         target: target.into(),
                         message: line.into(),
                     };
+                    crate::cut_to(&mut rec.message, room);
                     if let Ok(data) = encode_value(&rec) {
                         let _ = b.send(Message::new(MASTER_ID, ids::FORWARD_LOG, Kind::Value, data));
                     }
@@ -256,6 +258,14 @@ struct ForwardLogger {
     broker: BrokerHandle,
     name: String,
     level: log::LevelFilter,
+    /// Longest message a record carries (see [`log_room`]).
+    room: usize,
+}
+
+/// Room for a log record's text: half the message limit (the record's other fields are
+/// short), so a long record or output line is cut rather than refused and lost.
+fn log_room(max_message_size: u32) -> usize {
+    (max_message_size as usize / 2).max(64)
 }
 
 thread_local! {
@@ -271,12 +281,13 @@ impl log::Log for ForwardLogger {
         if !self.enabled(record.metadata()) || IN_LOGGER.with(|f| f.replace(true)) {
             return;
         }
-        let rec = LogRecord {
+        let mut rec = LogRecord {
             context: self.name.clone(),
             level: level_to_u8(record.level()),
             target: record.target().to_string(),
             message: record.args().to_string(),
         };
+        crate::cut_to(&mut rec.message, self.room);
         if let Ok(data) = encode_value(&rec) {
             // Never route inline: this may run while the router lock is held.
             self.broker.send_later(Message::new(MASTER_ID, ids::FORWARD_LOG, Kind::Value, data));
@@ -288,7 +299,8 @@ impl log::Log for ForwardLogger {
 }
 
 fn install_logger(h: &BrokerHandle, name: &str, level: log::LevelFilter) {
-    let logger = ForwardLogger { broker: h.clone(), name: name.to_string(), level };
+    let room = log_room(h.config().router.max_message_size);
+    let logger = ForwardLogger { broker: h.clone(), name: name.to_string(), level, room };
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);
     }

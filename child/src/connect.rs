@@ -992,25 +992,37 @@ pub fn connect_via(
 
 /// Serves CONNECT requests in an agent: each runs on its own thread.
 pub(crate) fn serve_connect(b: &BrokerHandle, m: Message, inherited: Inherited) {
-    let b = b.clone();
+    let (b2, request) = (b.clone(), m.clone());
     let spawned = std::thread::Builder::new().name("mitogen-connect".into()).spawn(move || {
         let result = match decode_value::<ConnectRequest>(&m.data) {
             Ok(mut req) => {
                 if req.program_id.is_some() && req.program_id.as_deref() == build_id::current().ok() {
                     req.method.set_program(None);
                 }
-                connect(&b, &req.method, &req.opts, req.id, &inherited)
+                connect(&b2, &req.method, &req.opts, req.id, &inherited)
                     .map(|ctx| ConnectReply { name: ctx.name().to_string() })
                     .map_err(|e| e.to_string())
             }
             Err(e) => Err(format!("malformed connect request: {e}")),
         };
-        if let Ok(data) = encode_value(&result) {
-            let _ = b.send(m.reply(Kind::Value, data));
-        }
+        answer_connect(&b2, &m, result);
     });
     if let Err(e) = spawned {
-        log::error!("cannot start a connect thread: {e}");
+        answer_connect(b, &request, Err(format!("cannot start a connect thread: {e}")));
+    }
+}
+
+/// Replies to a CONNECT request. An error too large for `max_message_size` (its output
+/// lines can be long) is cut to fit rather than lost, which would leave the requester
+/// waiting for its timeout.
+fn answer_connect(b: &BrokerHandle, m: &Message, mut result: Result<ConnectReply, String>) {
+    let max = b.config().router.max_message_size as usize;
+    if let Err(text) = &mut result {
+        crate::cut_to(text, (max / 2).max(64));
+    }
+    let data = encode_value(&result).expect("a connect reply always encodes");
+    if let Err(e) = b.send(m.reply(Kind::Value, data)) {
+        log::debug!("cannot answer a connect request: {e}");
     }
 }
 

@@ -68,3 +68,17 @@ pub fn connect(
         connect::Inherited { name: name.map(str::to_string), log_level: log::max_level() as usize as u8 };
     connect::connect(broker, method, opts, id, &inherited)
 }
+
+/// Cuts `text` to at most `room` bytes (at a character boundary), marking the cut: a text
+/// that must travel in one message is shortened rather than lost.
+pub(crate) fn cut_to(text: &mut String, room: usize) {
+    if text.len() <= room {
+        return;
+    }
+    let mut cut = room;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push_str(" [cut to fit max_message_size]");
+}

@@ -29,7 +29,10 @@ fuzz_target!(|input: Input| {
     let marker = bootstrap::MARKER;
     let line = if input.marked { format!("{marker}{}", input.line) } else { input.line.clone() };
     let Some(report) = stage.parse(&line) else { return };
-    assert!(line.trim_end().starts_with(&format!("{marker}Zt0k3n")), "parsed a line without the marker: {line:?}");
+    assert!(
+        line.trim_end().starts_with(&format!("{marker}Zt0k3n")),
+        "parsed a line without the marker: {line:?}"
+    );
     let loader = bootstrap::choose(&report);
     match loader {
         Loader::Cached => assert!(report.cached),

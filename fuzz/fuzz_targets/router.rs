@@ -116,7 +116,8 @@ fuzz_target!(|ops: Vec<Op>| {
         match op {
             Op::Receive { stream, dst, src, auth, handle: h, reply_to, kind, data } => {
                 let stream = (stream % 5) as StreamId;
-                let mut m = Message::new(id(dst), handle(h), Kind::from_code(kind % 4).unwrap_or(Kind::Raw), data);
+                let mut m =
+                    Message::new(id(dst), handle(h), Kind::from_code(kind % 4).unwrap_or(Kind::Raw), data);
                 (m.src, m.auth, m.reply_to) = (id(src), id(auth), handle(reply_to));
                 if kind % 7 == 0 {
                     // Route control carrying a context id, the shape ADD_ROUTE/DEL_ROUTE take.
@@ -134,7 +135,12 @@ fuzz_target!(|ops: Vec<Op>| {
                 if wants_reply {
                     let tag = s.next_tag;
                     s.next_tag += 1;
-                    let entry = HandleEntry { sink: tag, policy: Policy::Any, persist: false, respondent: Some(m.dst) };
+                    let entry = HandleEntry {
+                        sink: tag,
+                        policy: Policy::Any,
+                        persist: false,
+                        respondent: Some(m.dst),
+                    };
                     m.reply_to = s.r.alloc_handle(entry);
                     s.oneshot.insert(tag, (m.reply_to, Some(m.dst)));
                 }
@@ -146,7 +152,9 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::AddChild { stream, remote } => {
                 let stream = (stream % 5) as StreamId;
                 let remote = id(remote);
-                let taken = remote == ME || PARENTS.contains(&remote) || s.r.route_for(remote).is_some_and(|st| st != PARENT_STREAM);
+                let taken = remote == ME
+                    || PARENTS.contains(&remote)
+                    || s.r.route_for(remote).is_some_and(|st| st != PARENT_STREAM);
                 if stream == PARENT_STREAM || s.open.contains(&stream) || taken {
                     continue;
                 }
@@ -159,8 +167,9 @@ fuzz_target!(|ops: Vec<Op>| {
                 if !s.open.contains(&stream) {
                     continue;
                 }
-                let behind: HashSet<ContextId> =
-                    (0..24).filter(|&c| stream != PARENT_STREAM && s.r.route_for(c) == Some(stream)).collect();
+                let behind: HashSet<ContextId> = (0..24)
+                    .filter(|&c| stream != PARENT_STREAM && s.r.route_for(c) == Some(stream))
+                    .collect();
                 s.open.remove(&stream);
                 s.r.stream_lost(stream, &mut out);
                 s.check(None, &out);
@@ -169,7 +178,11 @@ fuzz_target!(|ops: Vec<Op>| {
                 }
                 for (tag, (h, resp)) in &s.oneshot {
                     if resp.is_some_and(|r| behind.contains(&r)) {
-                        assert_eq!(s.received.get(tag), Some(&1), "handle {h} waiting on a lost context not woken");
+                        assert_eq!(
+                            s.received.get(tag),
+                            Some(&1),
+                            "handle {h} waiting on a lost context not woken"
+                        );
                     }
                 }
             }

@@ -37,8 +37,8 @@ pub use mitogen_child::{
     builtins, current_broker, run_if_child, ConnectError, ConnectOptions, Method, Registry,
 };
 pub use mitogen_core::{
-    remote_fn, BrokerError, Bytes, CallError, Context, ContextId, DeadReason, LoginError, Password, Receiver, RemoteError,
-    RemoteErrorKind, RemoteFn, Select, Sender,
+    remote_fn, BrokerError, Bytes, CallError, Context, ContextId, DeadReason, LoginError, Password, Receiver,
+    RemoteError, RemoteErrorKind, RemoteFn, Select, Sender,
 };
 #[cfg(feature = "container")]
 pub use mitogen_transport_container::{ContainerOptions, Runtime};

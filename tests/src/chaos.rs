@@ -118,8 +118,7 @@ impl Shared {
 }
 
 fn connect(r: &Router, agent: &str, parent: Option<&Context>) -> Result<(Context, u32), String> {
-    let mut spec =
-        Local::new().program(agent).connect_timeout(BOUND).heartbeat(Some(HEARTBEAT), COUNT);
+    let mut spec = Local::new().program(agent).connect_timeout(BOUND).heartbeat(Some(HEARTBEAT), COUNT);
     if let Some(p) = parent {
         spec = spec.via(p);
     }
@@ -139,7 +138,8 @@ fn typed(e: CallError) -> String {
 fn work(sh: &Shared, r: &Router, rng: &mut Rng) {
     let pick = {
         let slots = sh.slots.lock().unwrap();
-        let live: Vec<Context> = slots.iter().filter_map(|s| s.ctx.as_ref().map(|(c, _)| c.clone())).collect();
+        let live: Vec<Context> =
+            slots.iter().filter_map(|s| s.ctx.as_ref().map(|(c, _)| c.clone())).collect();
         if live.is_empty() {
             None
         } else {

@@ -193,6 +193,15 @@ mitogen::remote_fn! {
     }
 }
 
+mitogen::remote_fn! {
+    /// Logs one warning of `len` bytes (`x` repeated) and prints a line as long.
+    pub fn log_long(len: u64) -> () {
+        let text = "x".repeat(len as usize);
+        log::warn!("{text}");
+        println!("{text}");
+    }
+}
+
 /// This process's socket descriptors, lowest first. In an agent without children the only
 /// sockets are its parent stream; in a test process (one per test under nextest) with
 /// one local child, they are the stream to that child.
@@ -248,6 +257,7 @@ pub fn registry() -> mitogen::Registry {
         .register(zeros)
         .register(write_parent_stream)
         .register(working_dir)
+        .register(log_long)
 }
 
 /// Snapshot of this process's resources, for leak checks.

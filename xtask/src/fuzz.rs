@@ -87,7 +87,10 @@ pub(crate) fn fuzz(args: &[String]) -> Result<()> {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(40).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("fuzz target {t} failed ({st}); the input is under fuzz/artifacts/{t}/:\n{}", tail.join("\n"));
+            bail!(
+                "fuzz target {t} failed ({st}); the input is under fuzz/artifacts/{t}/:\n{}",
+                tail.join("\n")
+            );
         }
         figures.push((t, stats));
     }

@@ -20,7 +20,7 @@
 //! - `soak [--local N] [--sudo N]`: connect/call/shutdown cycles (10,000 local and 1,000
 //!   sudo by default; sudo needs the test accounts: CI=true or MITOGEN_TEST_ACCOUNTS=1),
 //!   sampling the master's fds, threads, zombies and RSS; fails on growth.
-//! - `ci`: fmt check, clippy, invariants, docs, then `test`.
+//! - `ci`: fmt check, clippy, invariants, docs, `test`, then `fuzz --smoke`.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -72,7 +72,8 @@ fn ci() -> Result<()> {
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     check_invariants()?;
     run(cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
-    test()
+    test()?;
+    fuzz::fuzz(&["--smoke".to_string()])
 }
 
 /// Every test: doc tests, then unit, property, simulation, integration and end-to-end

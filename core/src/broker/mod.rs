@@ -326,7 +326,12 @@ impl BrokerHandle {
                         log::debug!("{}: transmit {msg:?} on stream {}", self.shared.cfg.name, tx.id);
                     }
                     if let Sent::Closed(msg) = tx.send(&self.shared.poller, msg, may_block) {
+                        // Routed before the stream closed: its sender still gets an answer
+                        // (at most one: a dead message never causes another, and a handle
+                        // already woken by the loss drops it).
                         log::debug!("{}: stream {} closed, dropped {msg:?}", self.shared.cfg.name, tx.id);
+                        let text = format!("the stream to context {} closed while routing", msg.dst);
+                        self.route(|r, out| r.dead_reply(&msg, DeadReason::Disconnected, &text, out));
                     }
                 }
                 Resolved::Deliver(sink, msg) => {

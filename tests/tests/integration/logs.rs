@@ -87,3 +87,21 @@ fn enable_debug_makes_children_log_their_routing() {
         last = now;
     }
 }
+
+/// A record or output line longer than the message limit allows arrives cut, never
+/// dropped.
+#[test]
+fn records_longer_than_the_message_limit_arrive_cut() {
+    let _ = log::set_logger(&Capture);
+    log::set_max_level(log::LevelFilter::Info);
+    let max = 1 << 16;
+    let r = Router::with_options(mitogen::RouterOptions::default().max_message_size(max)).unwrap();
+    let c = local(&r);
+    c.call(log_long, (200_000,)).unwrap();
+    let ctx_target = format!("mitogen::ctx::{}", c.name());
+    let cut = |m: &String| m.ends_with("[cut to fit max_message_size]") && m.len() < max as usize;
+    assert!(wait_for(|(l, t, m)| *l == log::Level::Warn && *t == ctx_target && m.contains("xxxx") && cut(m)));
+    // The output line: the line reader cuts it into 64 KiB pieces first, each cut again.
+    assert!(wait_for(|(_, t, m)| *t == format!("{ctx_target}::stdout") && m.starts_with("xxxx") && cut(m)));
+    assert_eq!(c.call(add, (1, 2)).unwrap(), 3);
+}

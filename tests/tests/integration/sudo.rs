@@ -371,11 +371,18 @@ fn a_program_in_a_private_folder_works_through_sudo_su_and_doas() {
     let b = Doas::new().username(USER_B).password(PW_A).program(&program).via(&a).connect_timeout(timeout);
     let b = r.doas(b).unwrap();
     assert_eq!(b.call(uids, ()).unwrap().0, uid_of(USER_B));
-    let s = r.su(Su::new().username(USER_B).password(PW_B).program(&program).via(&a).connect_timeout(timeout));
+    let s =
+        r.su(Su::new().username(USER_B).password(PW_B).program(&program).via(&a).connect_timeout(timeout));
     assert_eq!(s.unwrap().call(uids, ()).unwrap().0, uid_of(USER_B));
     // Another image in the private folder: A cannot read it, and says which path.
-    let err = r.sudo(Sudo::new().username(USER_C).program(&other).via(&a).connect_timeout(timeout)).unwrap_err();
-    assert_via_error(err, &format!("sudo.{USER_A}"), &format!("cannot read the agent image {}", other.display()), PW_B);
+    let err =
+        r.sudo(Sudo::new().username(USER_C).program(&other).via(&a).connect_timeout(timeout)).unwrap_err();
+    assert_via_error(
+        err,
+        &format!("sudo.{USER_A}"),
+        &format!("cannot read the agent image {}", other.display()),
+        PW_B,
+    );
     drop(r);
     std::fs::remove_dir_all(&dir).unwrap();
 }
