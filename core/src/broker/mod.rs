@@ -430,16 +430,23 @@ impl BrokerHandle {
     /// before any of its messages are read.
     pub fn add_stream(
         &self,
-        conn: Connection,
+        mut conn: Connection,
         remote: ContextId,
         parent: bool,
         name: &str,
     ) -> Result<StreamId, BrokerError> {
         if let Err(e) = self.check_running() {
             // Nobody would ever reap it: end the process here, not as a zombie later.
-            if let Some(mut p) = conn.process {
+            // Its stream closes first, so it exits by itself even where it may not be
+            // signalled (sudo, started by another account); the wait is bounded.
+            let process = conn.process.take();
+            drop(conn);
+            if let Some(mut p) = process {
                 let _ = p.kill();
-                let _ = p.wait();
+                let until = Instant::now() + Duration::from_secs(2);
+                while matches!(p.try_wait(), Ok(None)) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
             }
             return Err(e);
         }

@@ -110,3 +110,49 @@ fn connect_after_shutdown_starts_nothing() {
     assert_eq!(children.trim(), "", "processes were started");
     assert_eq!(hygiene().zombies, 0);
 }
+
+/// Connects racing a shutdown: each either succeeds (and is then shut down with the
+/// tree) or fails with a typed error; no process outlives it and no zombie is left.
+#[test]
+fn connects_racing_a_shutdown_leave_nothing() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let r = std::sync::Arc::new(Router::new().unwrap());
+    let started = std::sync::Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let (r, started) = (r.clone(), started.clone());
+            std::thread::spawn(move || {
+                let mut pids = Vec::new();
+                loop {
+                    match r.local(Local::new().program(agent())) {
+                        Ok(c) => match c.call(mitogen::builtins::getpid, ()) {
+                            Ok(pid) => {
+                                pids.push(pid);
+                                started.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => assert!(!matches!(e, CallError::Timeout(_)), "{e:?}"),
+                        },
+                        Err(ConnectError::Broker(_)) => break,
+                        Err(e) => panic!("unexpected {e:?}"),
+                    }
+                }
+                pids
+            })
+        })
+        .collect();
+    // Shut down while the three threads are in the middle of their connects.
+    let until = Instant::now() + BOUND;
+    while started.load(Ordering::Relaxed) < 6 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    r.shutdown();
+    let pids: Vec<u32> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert!(pids.len() >= 6, "{} connects before the shutdown", pids.len());
+    for pid in pids {
+        assert!(wait_gone(pid, BOUND), "child {pid} outlived the shutdown");
+    }
+    assert_eq!(zombies_after(BOUND), 0);
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", std::process::id()))
+        .unwrap_or_default();
+    assert_eq!(children.trim(), "", "processes left");
+}
