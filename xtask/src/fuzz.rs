@@ -1,4 +1,5 @@
-//! `cargo xtask fuzz [--smoke] [--runs N] [TARGET...]`: the cargo-fuzz targets in `fuzz/`.
+//! `cargo xtask fuzz [--smoke | --merge] [--runs N] [TARGET...]`: the cargo-fuzz targets
+//! in `fuzz/`.
 //!
 //! Each target runs from its committed corpus (`fuzz/corpus/<target>`, read-only here; new
 //! inputs go to `target/fuzz/corpus/<target>`) with its dictionary (`fuzz/dicts`), under
@@ -6,6 +7,8 @@
 //! allocation, so a parser that allocates what a hostile length prefix claims fails the
 //! run. By default each target runs 10 million executions; `--smoke` runs each for
 //! 30 seconds (CI). The figures (executions, peak RSS) are printed per target at the end.
+//! `--merge` folds what the runs found into the committed corpora, minimized (`cargo fuzz
+//! cmin`: the smallest set with the same coverage).
 
 use super::{root, run};
 use anyhow::{bail, Context, Result};
@@ -45,12 +48,14 @@ fn ensure_tools() -> Result<()> {
 
 pub(crate) fn fuzz(args: &[String]) -> Result<()> {
     let mut smoke = false;
+    let mut merge = false;
     let mut runs = DEFAULT_RUNS;
     let mut targets = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--smoke" => smoke = true,
+            "--merge" => merge = true,
             "--runs" => runs = it.next().context("--runs N")?.parse().context("--runs N")?,
             t if TARGETS.contains(&t) => targets.push(t),
             other => bail!("unknown fuzz target or flag {other:?} (targets: {})", TARGETS.join(", ")),
@@ -62,6 +67,17 @@ pub(crate) fn fuzz(args: &[String]) -> Result<()> {
     ensure_tools()?;
     let fuzz_dir = root().join("fuzz");
     run(cargo_fuzz().args(["build", "-O"]))?;
+    if merge {
+        for t in targets {
+            let seeds = fuzz_dir.join("corpus").join(t);
+            let found = root().join("target/fuzz/corpus").join(t);
+            for e in std::fs::read_dir(&found).into_iter().flatten().flatten() {
+                std::fs::copy(e.path(), seeds.join(e.file_name()))?;
+            }
+            run(cargo_fuzz().args(["cmin", "-O", t]).arg(&seeds))?;
+        }
+        return Ok(());
+    }
     let mut figures = Vec::new();
     for t in targets {
         let work = root().join("target/fuzz/corpus").join(t);

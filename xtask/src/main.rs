@@ -13,8 +13,9 @@
 //!   engine or with `MITOGEN_E2E_HOSTS=netns`), run the e2e tests, remove the hosts.
 //! - `host <verb> ...`: act on the e2e hosts (exec, kill, pause, cut off...); the tests use
 //!   it, see `e2e::host_command`.
-//! - `fuzz [--smoke] [--runs N] [TARGET...]`: the cargo-fuzz targets (nightly), 10 million
-//!   executions each or 30 s each with `--smoke`, under memory limits (see `fuzz.rs`).
+//! - `fuzz [--smoke | --merge] [--runs N] [TARGET...]`: the cargo-fuzz targets (nightly),
+//!   10 million executions each or 30 s each with `--smoke`, under memory limits;
+//!   `--merge` folds new inputs into the committed corpora, minimized (see `fuzz.rs`).
 //! - `chaos [--seed N] [--secs S]`: the seeded chaos run over ~30 local contexts
 //!   (`mitogen_tests::chaos`): faults while calls and streams run; nothing may hang or leak.
 //! - `soak [--local N] [--sudo N]`: connect/call/shutdown cycles (10,000 local and 1,000
@@ -63,7 +64,7 @@ fn main() -> Result<()> {
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("chaos") => test_program("mitogen-chaos", &args[1..]),
         Some("soak") => test_program("mitogen-soak", &args[1..]),
-        _ => bail!("usage: cargo xtask <test | e2e [--keep] | host VERB ... | dist | fuzz [--smoke] [--runs N] [TARGET...] | chaos [--seed N] [--secs S] | soak [--local N] [--sudo N] | bench [--quick] [--reps N] [--json FILE] [--systems LIST] | check-invariants | ci>"),
+        _ => bail!("usage: cargo xtask <test | e2e [--keep] | host VERB ... | dist | fuzz [--smoke | --merge] [--runs N] [TARGET...] | chaos [--seed N] [--secs S] | soak [--local N] [--sudo N] | bench [--quick] [--reps N] [--json FILE] [--systems LIST] | check-invariants | ci>"),
     }
 }
 
