@@ -31,7 +31,7 @@ impl Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
     /// The next number.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -39,7 +39,7 @@ impl Rng {
     }
     /// A number below `n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
 
@@ -167,7 +167,7 @@ fn work(sh: &Shared, r: &Router, rng: &mut Rng) {
             sh.timed("call sleep", || c.call_timeout(sleep_ms, (ms,), BOUND).map_err(typed));
         }
         2 => {
-            let data = crate::block(rng.next(), 0, 1 + rng.below(128 * 1024) as usize);
+            let data = crate::block(rng.next_u64(), 0, 1 + rng.below(128 * 1024) as usize);
             sh.timed("echo", || {
                 let back = c.call_timeout(echo, (Bytes(data.clone()),), BOUND).map_err(typed)?;
                 if back.0 == data {
@@ -178,7 +178,7 @@ fn work(sh: &Shared, r: &Router, rng: &mut Rng) {
             });
         }
         _ => {
-            let (seed, n, len) = (rng.next(), 1 + rng.below(16), 1 + rng.below(64 * 1024));
+            let (seed, n, len) = (rng.next_u64(), 1 + rng.below(16), 1 + rng.below(64 * 1024));
             sh.timed("stream", || {
                 let mut rx = Receiver::<Bytes>::with_respondent(r.broker(), c.id()).map_err(typed)?;
                 let mut call = c.call_async(produce, (seed, n, len, rx.sender())).map_err(typed)?;
@@ -238,7 +238,7 @@ fn havoc(sh: &Shared, r: &Router, agent: &str, rng: &mut Rng, report: &mut Repor
                 report.stops += 1;
             }
             _ => {
-                let mut junk: Vec<u8> = (0..1 + rng.below(64)).map(|_| rng.next() as u8).collect();
+                let mut junk: Vec<u8> = (0..1 + rng.below(64)).map(|_| rng.next_u64() as u8).collect();
                 if rng.below(2) == 0 {
                     // Often a plausible header, so the decoder gets past the magic.
                     junk.splice(0..0, *b"MG\x01\x01");
