@@ -171,6 +171,10 @@ pub struct Decoder {
     /// A large body being read directly into its own buffer.
     body: Option<(Header, Vec<u8>, usize)>,
     failed: Option<FrameError>,
+    /// The frame in progress was reported by [`Decoder::take_started`].
+    started: bool,
+    /// `(src, auth)` of a frame whose header is in but whose body is not, not yet taken.
+    pending: Option<(u32, u32)>,
 }
 
 impl Decoder {
@@ -183,6 +187,8 @@ impl Decoder {
             end: 0,
             body: None,
             failed: None,
+            started: false,
+            pending: None,
         }
     }
 
@@ -229,6 +235,21 @@ impl Decoder {
         }
     }
 
+    /// `(src, auth)` of the frame being read, once per frame, as soon as its header is in
+    /// and its body is not: a reader checks the sender before waiting for a body that a
+    /// corrupt header may have invented (up to `max_message_size` of the stream's later
+    /// frames would be swallowed as its body).
+    pub fn take_started(&mut self) -> Option<(u32, u32)> {
+        self.pending.take()
+    }
+
+    fn note_started(&mut self, h: &Header) {
+        if !self.started {
+            self.started = true;
+            self.pending = Some((h.src, h.auth));
+        }
+    }
+
     /// True while a large body is being read into its own buffer (bulk data in flight).
     pub fn in_large_body(&self) -> bool {
         self.body.is_some()
@@ -251,6 +272,7 @@ impl Decoder {
             }
             let msg = make(*h, std::mem::take(body));
             self.body = None;
+            self.started = false;
             return Some(Ok(msg));
         }
         let avail = self.end - self.start;
@@ -273,8 +295,10 @@ impl Decoder {
         if self.end - body_start >= len {
             let data = self.buf[body_start..body_start + len].to_vec();
             self.start = body_start + len;
+            self.started = false;
             return Some(Ok(make(h, data)));
         }
+        self.note_started(&h);
         if len + HEADER_LEN <= READ_CHUNK / 2 {
             // Small frame: wait for the rest in the staging buffer (grown if needed).
             if self.start + len + HEADER_LEN > self.buf.len() {

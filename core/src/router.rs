@@ -287,19 +287,35 @@ impl<S: Clone> Router<S> {
         self.route(msg, None, out);
     }
 
+    /// Source verification: true if a frame from `src` under authority `auth` may arrive
+    /// on `stream` (both live behind it). A frame that fails it is dropped; a reader may
+    /// check a header this way before reading the frame's body.
+    pub fn is_genuine(&self, stream: StreamId, src: ContextId, auth: ContextId) -> bool {
+        self.streams.get(&stream).is_some_and(|info| Self::genuine(&self.cfg, &self.routes, info, src, auth))
+    }
+
+    fn genuine(
+        cfg: &RouterConfig,
+        routes: &HashMap<ContextId, StreamId>,
+        info: &StreamInfo,
+        src: ContextId,
+        auth: ContextId,
+    ) -> bool {
+        if info.is_parent {
+            let from_above = |id: ContextId| id != cfg.id && !routes.contains_key(&id);
+            from_above(src) && from_above(auth)
+        } else {
+            info.behind.contains(&src) && info.behind.contains(&auth)
+        }
+    }
+
     /// Routes a message that arrived on `stream`.
     pub fn receive(&mut self, stream: StreamId, msg: Message, out: &mut Vec<Action<S>>) {
         let Some(info) = self.streams.get_mut(&stream) else {
             log::warn!("router {}: message on unknown stream {stream}: {msg:?}", self.cfg.id);
             return;
         };
-        // Source verification: the sender and its authority must live behind this stream.
-        let genuine = if info.is_parent {
-            let from_above = |id: ContextId| id != self.cfg.id && !self.routes.contains_key(&id);
-            from_above(msg.src) && from_above(msg.auth)
-        } else {
-            info.behind.contains(&msg.src) && info.behind.contains(&msg.auth)
-        };
+        let genuine = Self::genuine(&self.cfg, &self.routes, info, msg.src, msg.auth);
         if !genuine {
             log::warn!(
                 "router {}: dropping spoofed {msg:?} arriving from context {}",

@@ -66,6 +66,10 @@ pub struct Report {
     pub connects: u64,
     /// Processes started in all.
     pub processes: usize,
+    /// Values that came back wrong from a node that had written garbage onto its own
+    /// stream (frames carry no checksum: garbage spliced into a frame in flight changes
+    /// it before the stream is found corrupt and closed). Anywhere else, a problem.
+    pub corrupted: u64,
     /// Slowest operation seen.
     pub slowest: Duration,
 }
@@ -79,6 +83,9 @@ struct Shared {
     slots: Mutex<Vec<Slot>>,
     pids: Mutex<Vec<u32>>,
     stopped: Mutex<Vec<(u32, Instant)>>,
+    /// Nodes made to write garbage onto their stream.
+    garbaged: Mutex<std::collections::HashSet<u32>>,
+    corrupted: AtomicU64,
     done: AtomicBool,
     ok: AtomicU64,
     failed: AtomicU64,
@@ -108,6 +115,8 @@ impl Shared {
             }
             Err(e) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
+                // Mostly a context just lost: give the fault thread time to notice.
+                std::thread::sleep(Duration::from_millis(2));
                 if e.starts_with("WRONG") {
                     self.problem(format!("{what}: {e}"));
                 }
@@ -127,6 +136,60 @@ fn connect(r: &Router, agent: &str, parent: Option<&Context>) -> Result<(Context
     Ok((c, pid))
 }
 
+/// The slot's chain up to the master: each context's name, pid, process state and
+/// whether the master still routes to it.
+fn describe(sh: &Shared, r: &Router, mut slot: usize) -> String {
+    let slots = sh.slots.lock().unwrap();
+    let mut out = Vec::new();
+    loop {
+        let s = &slots[slot];
+        match &s.ctx {
+            Some((c, pid)) => {
+                let state = crate::proc_stat(*pid).map_or('-', |(st, _)| st);
+                out.push(format!(
+                    "{} pid {pid} {state} routed {}",
+                    c.name(),
+                    r.broker().is_reachable(c.id())
+                ));
+            }
+            None => out.push(format!("slot {slot} empty")),
+        }
+        match s.parent {
+            Some(p) => slot = p,
+            None => break,
+        }
+    }
+    out.join(" <- ")
+}
+
+/// [`Shared::timed`], adding the chain's state before and after to a hang's report.
+struct Diag<'a> {
+    sh: &'a Shared,
+    r: &'a Router,
+    slot: usize,
+    before: String,
+}
+
+impl Diag<'_> {
+    fn timed<T>(&self, what: &str, f: impl FnOnce() -> Result<T, String>) -> Option<T> {
+        self.sh.timed(what, || {
+            f().map_err(|e| {
+                let pid = self.sh.slots.lock().unwrap()[self.slot].ctx.as_ref().map(|(_, p)| *p);
+                let garbaged = pid.is_some_and(|p| self.sh.garbaged.lock().unwrap().contains(&p));
+                if e.starts_with("WRONG") && !e.starts_with("WRONG: timed out") && garbaged {
+                    self.sh.corrupted.fetch_add(1, Ordering::Relaxed);
+                    format!("corrupted by its own garbage: {e}")
+                } else if e.starts_with("WRONG") {
+                    let after = describe(self.sh, self.r, self.slot);
+                    format!("{e}; before: {}; after: {after}", self.before)
+                } else {
+                    e
+                }
+            })
+        })
+    }
+}
+
 /// A call error must be typed: a timeout means something hung.
 fn typed(e: CallError) -> String {
     match e {
@@ -138,18 +201,23 @@ fn typed(e: CallError) -> String {
 fn work(sh: &Shared, r: &Router, rng: &mut Rng) {
     let pick = {
         let slots = sh.slots.lock().unwrap();
-        let live: Vec<Context> =
-            slots.iter().filter_map(|s| s.ctx.as_ref().map(|(c, _)| c.clone())).collect();
+        let live: Vec<(Context, usize)> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.ctx.as_ref().map(|(c, _)| (c.clone(), i)))
+            .collect();
         if live.is_empty() {
             None
         } else {
             Some(live[rng.below(live.len() as u64) as usize].clone())
         }
     };
-    let Some(c) = pick else {
+    let Some((c, slot)) = pick else {
         std::thread::sleep(Duration::from_millis(10));
         return;
     };
+    let chain = describe(sh, r, slot);
+    let sh = &Diag { sh, r, slot, before: chain };
     match rng.below(4) {
         0 => {
             let (a, b) = (rng.below(1000) as i64, rng.below(1000) as i64);
@@ -243,6 +311,7 @@ fn havoc(sh: &Shared, r: &Router, agent: &str, rng: &mut Rng, report: &mut Repor
                     // Often a plausible header, so the decoder gets past the magic.
                     junk.splice(0..0, *b"MG\x01\x01");
                 }
+                sh.garbaged.lock().unwrap().insert(pid);
                 let _ = c.call_no_reply(write_parent_stream, (junk,));
                 report.garbage += 1;
             }
@@ -288,6 +357,8 @@ pub fn run(agent: &str, seed: u64, secs: u64) -> Result<Report, Failure> {
         slots: Mutex::new(Vec::new()),
         pids: Mutex::new(Vec::new()),
         stopped: Mutex::new(Vec::new()),
+        garbaged: Mutex::new(Default::default()),
+        corrupted: AtomicU64::new(0),
         done: AtomicBool::new(false),
         ok: AtomicU64::new(0),
         failed: AtomicU64::new(0),
@@ -380,6 +451,7 @@ pub fn run(agent: &str, seed: u64, secs: u64) -> Result<Report, Failure> {
     }
     report.ok = sh.ok.load(Ordering::Relaxed);
     report.failed = sh.failed.load(Ordering::Relaxed);
+    report.corrupted = sh.corrupted.load(Ordering::Relaxed);
     report.slowest = Duration::from_micros(sh.slowest_us.load(Ordering::Relaxed));
     let problems = sh.problems.lock().unwrap().clone();
     eprintln!("chaos: {report:?}");

@@ -87,6 +87,9 @@ impl StreamRx {
         let mut msgs = Vec::new();
         let mut lost = None;
         let mut got = false;
+        // A frame whose body is still to come: its sender is checked once routing the
+        // frames before it has updated the routes (an ADD_ROUTE may have announced it).
+        let mut started = None;
         for _ in 0..READ_BUDGET {
             let buf = st.decoder.read_buf();
             let want = buf.len();
@@ -115,6 +118,8 @@ impl StreamRx {
                             }
                         }
                     }
+                    // Once per frame; a later one replaces a frame that completed since.
+                    started = st.decoder.take_started().or(started);
                     if lost.is_some() || n < want {
                         break;
                     }
@@ -131,7 +136,7 @@ impl StreamRx {
             // Once per wake-up, not per read: heartbeats only need to know it was recent.
             st.last_rx = Instant::now();
         }
-        if !msgs.is_empty() {
+        if !msgs.is_empty() || started.is_some() {
             if h.debug() {
                 for m in msgs.iter().filter(|m| m.handle != crate::ids::FORWARD_LOG) {
                     log::debug!("{}: received {m:?} from {}", h.shared.cfg.name, self.name);
@@ -142,6 +147,18 @@ impl StreamRx {
                 let mut actions = Vec::new();
                 for m in msgs {
                     core.router.receive(self.stream, m, &mut actions);
+                }
+                if let Some((src, auth)) = started {
+                    if lost.is_none() && !core.router.is_genuine(self.stream, src, auth) {
+                        // Random bytes that happen to look like a header: waiting for its
+                        // body would swallow the stream's real frames, and keep it alive.
+                        let why = format!(
+                            "a frame from context {src} (authority {auth}), which does not live \
+                             behind this stream: the stream is corrupt"
+                        );
+                        log::error!("{}: stream to {}: {why}; dropping it", h.shared.cfg.name, self.name);
+                        lost = Some(why);
+                    }
                 }
                 resolve(&core, actions)
             };

@@ -16,8 +16,8 @@ fn main() {
     let agent = exe.with_file_name("mitogen-test-agent");
     match mitogen_tests::chaos::run(&agent.display().to_string(), seed, secs) {
         Ok(r) => println!(
-            "chaos ok: seed {seed}, {secs} s: {} operations ok, {} typed errors, {} kills, {} stops, {} garbage, {} connects, {} processes, slowest {:?}",
-            r.ok, r.failed, r.kills, r.stops, r.garbage, r.connects, r.processes, r.slowest
+            "chaos ok: seed {seed}, {secs} s: {} operations ok, {} typed errors, {} kills, {} stops, {} garbage, {} connects, {} processes, {} values corrupted by a node's own garbage, slowest {:?}",
+            r.ok, r.failed, r.kills, r.stops, r.garbage, r.connects, r.processes, r.corrupted, r.slowest
         ),
         Err(f) => {
             eprintln!("chaos FAILED: {}", f.0);

@@ -25,7 +25,15 @@ const BOUND: Duration = Duration::from_secs(20);
 /// disconnect (not a timeout), the route goes, the child exits and is reaped.
 #[test]
 fn a_corrupt_frame_read_by_a_waiting_caller_fails_the_call_at_once() {
-    for (what, frame) in bad_frames() {
+    // A header that looks right (magic, version, kind, a length under the limit) but
+    // comes from a context that does not live behind the stream: random bytes after a
+    // plausible start. Waiting for its 1 MiB body would swallow every later frame.
+    let mut plausible =
+        mitogen_core::Message::new(0, 1000, mitogen_core::Kind::Raw, Vec::new()).header().to_vec();
+    plausible[8..12].copy_from_slice(&0xDEAD_BEEFu32.to_be_bytes());
+    plausible[24..28].copy_from_slice(&(1u32 << 20).to_be_bytes());
+    let frames = bad_frames().into_iter().chain([("plausible header from nowhere", plausible)]);
+    for (what, frame) in frames {
         let r = Router::new().unwrap();
         let c = local(&r);
         let pid = c.call(mitogen::builtins::getpid, ()).unwrap();
