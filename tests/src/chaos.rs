@@ -311,9 +311,12 @@ fn havoc(sh: &Shared, r: &Router, agent: &str, rng: &mut Rng, report: &mut Repor
                     // Often a plausible header, so the decoder gets past the magic.
                     junk.splice(0..0, *b"MG\x01\x01");
                 }
-                sh.garbaged.lock().unwrap().insert(pid);
-                let _ = c.call_no_reply(write_parent_stream, (junk,));
-                report.garbage += 1;
+                // No reply wanted: the node's stream is corrupt afterwards. A send that
+                // fails (the node just went) injects nothing and is not counted.
+                if c.call_no_reply(write_parent_stream, (junk,)).is_ok() {
+                    sh.garbaged.lock().unwrap().insert(pid);
+                    report.garbage += 1;
+                }
             }
         }
     }

@@ -202,6 +202,15 @@ mitogen::remote_fn! {
     }
 }
 
+/// The number after `--flag` in `args`, or `default` (the chaos and soak programs).
+pub fn flag(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
+        .unwrap_or(default)
+}
+
 /// This process's socket descriptors, lowest first. In an agent without children the only
 /// sockets are its parent stream; in a test process (one per test under nextest) with
 /// one local child, they are the stream to that child.

@@ -4,14 +4,7 @@
 fn main() {
     mitogen::run_if_child(mitogen_tests::registry());
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |flag: &str, default: u64| -> u64 {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .map(|v| v.parse().unwrap_or_else(|_| panic!("{flag} takes a number")))
-            .unwrap_or(default)
-    };
-    let (seed, secs) = (get("--seed", 1), get("--secs", 30));
+    let (seed, secs) = (mitogen_tests::flag(&args, "--seed", 1), mitogen_tests::flag(&args, "--secs", 30));
     let exe = std::env::current_exe().expect("own path");
     let agent = exe.with_file_name("mitogen-test-agent");
     match mitogen_tests::chaos::run(&agent.display().to_string(), seed, secs) {

@@ -51,14 +51,8 @@ fn soak(what: &str, cycles: u64, connect: impl Fn(&Router) -> mitogen::Context) 
 fn main() {
     mitogen::run_if_child(mitogen_tests::registry());
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |flag: &str, default: u64| -> u64 {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .map(|v| v.parse().unwrap_or_else(|_| panic!("{flag} takes a number")))
-            .unwrap_or(default)
-    };
-    let (local, sudo) = (get("--local", 10_000), get("--sudo", 1_000));
+    let (local, sudo) =
+        (mitogen_tests::flag(&args, "--local", 10_000), mitogen_tests::flag(&args, "--sudo", 1_000));
     let agent = std::env::current_exe().expect("own path").with_file_name("mitogen-test-agent");
     let mut ok = true;
     if local > 0 {
